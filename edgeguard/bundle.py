@@ -1,0 +1,258 @@
+"""Bundles: a model folder with ``manifest.json`` and ``model.pt`` (a plain state dict), plus the
+owner's ``vault/`` of secrets.
+
+manifest.json records the architecture and its options, classes, input shape, normalisation, the
+stages applied (each a config dict), the sha256 and size of every file, and the edgeguard version.
+``load_bundle`` re-hashes every file and refuses a bundle whose files do not match.  Bundles are
+written atomically (built in a temp folder, then swapped in).  The vault travels with derived
+bundles (it is the owner's) but is never copied into an exported ``.onnx`` or ``.engine``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeguard import __version__
+from edgeguard.errors import BadInput
+from edgeguard.fileio import atomic_dir, atomic_write, atomic_write_json, sha256_file
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.pt"
+VAULT = "vault"
+FORMAT = "edgeguard-bundle"
+FORMAT_VERSION = 1
+_REQUIRED = ("format", "arch", "num_classes", "classes", "input_shape", "normalization", "stages", "files")
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def stage_record(stage: str, config: Any = None, **info: Any) -> dict[str, Any]:
+    """A manifest stage entry: the stage name, its config dict, and any results worth keeping."""
+    rec: dict[str, Any] = {"stage": stage, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if config is not None:
+        rec["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    rec.update(info)
+    return rec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a model from its state dict."""
+
+    arch: str
+    num_classes: int
+    classes: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    options: Mapping[str, Any]
+
+    def build(self) -> torch.nn.Module:
+        from edgeguard.models import create_model
+
+        return create_model(
+            self.arch,
+            num_classes=self.num_classes,
+            in_channels=self.input_shape[0],
+            mean=self.mean,
+            std=self.std,
+            **dict(self.options),
+        )
+
+
+class Bundle:
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def spec(self) -> ModelSpec:
+        m = self.manifest
+        return ModelSpec(
+            arch=m["arch"],
+            num_classes=int(m["num_classes"]),
+            classes=tuple(m["classes"]),
+            input_shape=tuple(m["input_shape"]),
+            mean=tuple(m["normalization"]["mean"]),
+            std=tuple(m["normalization"]["std"]),
+            options=dict(m.get("model_options", {})),
+        )
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        return list(self.manifest["stages"])
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the manifest, which pins every file's hash: one id for the whole bundle."""
+        return sha256_file(self.path / MANIFEST)
+
+    @property
+    def vault(self) -> Vault:
+        return Vault(self.path / VAULT)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _load_state_dict(self.path / WEIGHTS)
+
+    def load_model(self) -> torch.nn.Module:
+        """Rebuild the architecture and load the weights; eval mode."""
+        model = self.spec.build()
+        sd = self.state_dict()
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+            raise BadInput(f"{self.path / WEIGHTS} does not fit architecture {self.spec.arch!r}: {first}") from None
+        return model.eval()
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError ...
+        raise BadInput(f"{path} is not a plain PyTorch state dict ({type(e).__name__}); refusing to load it") from None
+    if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise BadInput(f"{path} is not a state dict of named tensors; refusing to load it")
+    return dict(sd)
+
+
+def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Open a bundle folder; with ``verify`` every file listed in the manifest is re-hashed."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{p} does not exist")
+    if not p.is_dir() or not (p / MANIFEST).is_file():
+        raise BadInput(f"{p} is not an edgeguard bundle (no {MANIFEST} in it)")
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{p / MANIFEST} is not valid JSON ({e.__class__.__name__}); the bundle is corrupted") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BadInput(f"{p / MANIFEST} is not an edgeguard bundle manifest")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise BadInput(f"{p / MANIFEST} lacks {', '.join(missing)}; the bundle is corrupted")
+    if int(manifest.get("format_version", 1)) > FORMAT_VERSION:
+        raise BadInput(f"{p} was written by a newer edgeguard (bundle format {manifest['format_version']})")
+    if WEIGHTS not in manifest["files"]:
+        raise BadInput(f"{p / MANIFEST} lists no {WEIGHTS}")
+    if verify:
+        for name, rec in manifest["files"].items():
+            f = p / name
+            if not f.is_file():
+                raise BadInput(f"bundle {p} is missing {name}")
+            if sha256_file(f) != rec.get("sha256"):
+                raise BadInput(
+                    f"bundle {p}: {name} does not match the sha256 recorded in its manifest "
+                    "(the file was modified or corrupted); refusing to load it"
+                )
+    return Bundle(p, manifest)
+
+
+def save_bundle(
+    out: str | Path,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    *,
+    stages: Sequence[Mapping[str, Any]],
+    dataset: str | None = None,
+    parent: Bundle | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Bundle:
+    """Write ``model``'s state dict and a manifest to ``out`` atomically.
+
+    ``parent``: the bundle this one derives from; its vault is carried over and its hash recorded.
+    """
+    out = Path(out)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(out, may_replace=is_bundle) as tmp:
+        atomic_write(tmp / WEIGHTS, lambda t: torch.save(sd, t))
+        if parent is not None and (parent.path / VAULT).is_dir():
+            shutil.copytree(parent.path / VAULT, tmp / VAULT)
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "edgeguard_version": __version__,
+            "torch_version": torch.__version__,
+            "arch": spec.arch,
+            "model_options": dict(spec.options),
+            "num_classes": spec.num_classes,
+            "classes": list(spec.classes),
+            "input_shape": list(spec.input_shape),
+            "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+            "dataset": dataset if dataset is not None else (parent.manifest.get("dataset") if parent else None),
+            "parent_sha256": parent.sha256 if parent is not None else None,
+            "stages": [dict(s) for s in stages],
+            "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
+        }
+        if extra:
+            manifest.update(extra)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return load_bundle(out)
+
+
+class Vault:
+    """The owner's secrets (trigger sets, keys, enrolments) beside a bundle: ``BUNDLE/vault/``.
+
+    ``vault.json`` indexes every entry with its sha256; reading a modified entry is refused.
+    """
+
+    INDEX = "vault.json"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _index(self) -> dict[str, Any]:
+        f = self.path / self.INDEX
+        if not f.is_file():
+            return {"format": "edgeguard-vault", "entries": {}}
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise BadInput(f"{f} is not valid JSON; the vault is corrupted") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._index()["entries"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index()["entries"]
+
+    def _put(self, name: str, filename: str, kind: str, writer) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path / filename, writer)
+        index = self._index()
+        index["entries"][name] = {"file": filename, "kind": kind, "sha256": sha256_file(self.path / filename)}
+        atomic_write_json(self.path / self.INDEX, index)
+
+    def _file(self, name: str, kind: str) -> Path:
+        rec = self._index()["entries"].get(name)
+        if rec is None or rec["kind"] != kind:
+            raise BadInput(f"vault {self.path} has no {kind} entry {name!r}")
+        f = self.path / rec["file"]
+        if not f.is_file() or sha256_file(f) != rec["sha256"]:
+            raise BadInput(f"vault entry {name!r} in {self.path} was modified or is missing; refusing to use it")
+        return f
+
+    def put_json(self, name: str, obj: Any) -> None:
+        data = (json.dumps(obj, indent=2) + "\n").encode()
+        self._put(name, f"{name}.json", "json", lambda t: Path(t).write_bytes(data))
+
+    def get_json(self, name: str) -> Any:
+        return json.loads(self._file(name, "json").read_text())
+
+    def put_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        self._put(name, f"{name}.pt", "tensors", lambda t: torch.save(data, t))
+
+    def get_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return _load_state_dict(self._file(name, "tensors"))

@@ -1,0 +1,98 @@
+"""Datasets that need no files: ``digits`` (real, from scikit-learn) and ``synthetic`` (procedural)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from edgeguard.data.base import DATASETS, ImageDataset, make_dataset
+from edgeguard.errors import BadInput
+
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.3
+
+
+@DATASETS.register("digits", family="builtin")
+def digits(split: str, *, root: str | None = None, size: int = 32) -> ImageDataset:
+    """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to ``size`` (bilinear), 1 channel.
+
+    Fixed stratified split (seed 0, 30% test): 1,257 train / 540 test images, 10 classes.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if size < 8:
+        raise BadInput("digits size must be at least 8")
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8) in [0,1]
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(
+        range(len(y)), test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=d.target
+    )
+    idx = torch.tensor(idx_train if split == "train" else idx_test)
+    x = x[idx]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    return make_dataset("digits", split, x.contiguous(), y[idx], [str(i) for i in range(10)])
+
+
+# Class prototypes for `synthetic` come from a fixed seed so train and test (and any sample seed)
+# share the same classes; only the samples vary with the seed.
+_PROTOTYPE_SEED = 20240611
+
+
+@DATASETS.register("synthetic", family="builtin")
+def synthetic(
+    split: str,
+    *,
+    root: str | None = None,
+    n: int | None = None,
+    size: int = 32,
+    num_classes: int = 10,
+    channels: int = 3,
+    seed: int = 0,
+    noise: float = 0.12,
+) -> ImageDataset:
+    """Procedural colour images: per class an oriented grating with its own frequency and colour,
+    drawn with random phase, jitter, contrast, a random occluding patch and pixel noise.
+
+    Seeded and sized at will (``n`` images, default 2,000 train / 500 test); fast tests and query pools use it.
+    """
+    if n is None:
+        n = 2000 if split == "train" else 500
+    if n < 1 or size < 4 or num_classes < 2 or channels not in (1, 3):
+        raise BadInput("synthetic needs n >= 1, size >= 4, num_classes >= 2 and channels 1 or 3")
+    proto = torch.Generator().manual_seed(_PROTOTYPE_SEED + num_classes)
+    angles = torch.arange(num_classes) * math.pi / num_classes + torch.rand(num_classes, generator=proto) * 0.2
+    freqs = 1.5 + torch.rand(num_classes, generator=proto) * 3.0
+    colours = 0.3 + 0.7 * torch.rand(num_classes, 3, generator=proto)
+
+    g = torch.Generator().manual_seed(seed * 2 + (0 if split == "train" else 1))
+    y = torch.randint(num_classes, (n,), generator=g)
+    coords = torch.linspace(-1.0, 1.0, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    ang = angles[y] + torch.randn(n, generator=g) * 0.08
+    freq = freqs[y] * (1 + torch.randn(n, generator=g) * 0.05)
+    phase = torch.rand(n, generator=g) * 2 * math.pi
+    proj = xx[None] * torch.cos(ang)[:, None, None] + yy[None] * torch.sin(ang)[:, None, None]
+    wave = torch.sin(math.pi * freq[:, None, None] * proj + phase[:, None, None])  # (n,H,W)
+    contrast = 0.25 + 0.2 * torch.rand(n, generator=g)
+    colour = (colours[y] + torch.randn(n, 3, generator=g) * 0.08).clamp(0, 1)  # (n,3)
+    img = 0.5 + contrast[:, None, None, None] * wave[:, None] * colour[:, :, None, None]  # (n,3,H,W)
+    # one random grey patch per image, a quarter of the side, to make the task less trivial
+    p = max(1, size // 4)
+    px = torch.randint(0, size - p + 1, (n,), generator=g)
+    py = torch.randint(0, size - p + 1, (n,), generator=g)
+    grey = torch.rand(n, generator=g)
+    rows = torch.arange(size)
+    mask = ((rows[None, :, None] >= py[:, None, None]) & (rows[None, :, None] < (py + p)[:, None, None])) & (
+        (rows[None, None, :] >= px[:, None, None]) & (rows[None, None, :] < (px + p)[:, None, None])
+    )
+    img = torch.where(mask[:, None], grey[:, None, None, None].expand_as(img), img)
+    img = img + torch.randn(img.shape, generator=g) * noise
+    if channels == 1:
+        img = img.mean(dim=1, keepdim=True)
+    img = img.clamp_(0.0, 1.0)
+    return make_dataset("synthetic", split, img.contiguous(), y, [f"class_{i}" for i in range(num_classes)])

@@ -1,0 +1,52 @@
+"""Runners: ``open_runner(path)`` picks the backend from the artifact; every check takes a Runner.
+
+Dispatch is one table: a bundle folder -> TorchRunner, ``.onnx`` -> OrtRunner, ``.engine``/``.plan`` ->
+TrtRunner.  Each backend module is imported only when its row is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from edgeguard.bundle import is_bundle
+from edgeguard.errors import BadInput
+from edgeguard.runtime.base import Runner, RunnerInfo
+
+_BACKENDS = {
+    "bundle": ("edgeguard.runtime.torch_runner", "TorchRunner"),
+    ".onnx": ("edgeguard.runtime.ort_runner", "OrtRunner"),
+    ".engine": ("edgeguard.runtime.trt_runner", "TrtRunner"),
+    ".plan": ("edgeguard.runtime.trt_runner", "TrtRunner"),
+}
+
+
+def artifact_kind(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_dir():
+        if not is_bundle(p):
+            raise BadInput(f"{p} is a folder but not an edgeguard bundle (no manifest.json in it)")
+        return "bundle"
+    if p.suffix.lower() in _BACKENDS:
+        if not p.exists():
+            raise BadInput(f"{p} does not exist")
+        return p.suffix.lower()
+    if not p.exists():
+        raise BadInput(f"{p} does not exist")
+    raise BadInput(f"cannot open {p}: expected a bundle folder, a .onnx file or a .engine file")
+
+
+def open_runner(path: str | Path, *, device: str | None = None, providers=None, batch_size: int | None = None) -> Runner:
+    """Open an artifact for prediction; the returned runner is already activated."""
+    kind = artifact_kind(path)
+    module, cls = _BACKENDS[kind]
+    runner_cls = getattr(importlib.import_module(module), cls)
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    if kind == "bundle":
+        kw["device"] = device
+    elif kind == ".onnx":
+        kw["providers"] = providers or (["cuda"] if device and device.startswith("cuda") else None)
+    return runner_cls(path, **kw).open()
+
+
+__all__ = ["Runner", "RunnerInfo", "artifact_kind", "open_runner"]

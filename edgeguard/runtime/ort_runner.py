@@ -1,0 +1,121 @@
+"""Runner for a ``.onnx`` file through ONNX Runtime (CPU by default; CUDA / TensorRT providers on request)."""
+
+from __future__ import annotations
+
+
+
+import numpy as np
+
+from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.export.metadata import decode
+from edgeguard.fileio import sha256_file
+from edgeguard.runtime.base import Runner, RunnerInfo
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def resolve_providers(providers) -> list[str]:
+    import onnxruntime as ort
+
+    names = list(providers or ["cpu"])
+    available = ort.get_available_providers()
+    out = []
+    for p in names:
+        full = PROVIDERS.get(p.lower(), p)
+        if full not in available:
+            raise BackendUnavailable(
+                f"ONNX Runtime provider {p!r} is not available here (available: {', '.join(available)})"
+            )
+        out.append(full)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+class OrtRunner(Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, path, *, providers=None, threads: int | None = None, **kw):
+        super().__init__(path, **kw)
+        self.providers = providers
+        self.threads = threads
+
+    def _open_impl(self) -> RunnerInfo:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime") from None
+        if not self.path.is_file():
+            raise BadInput(f"{self.path} does not exist")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+        providers = resolve_providers(self.providers)
+        try:
+            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"{self.path} is not a valid ONNX model ({first[:200]})") from None
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise BadInput(f"{self.path} must have one N x C x H x W image input, found {[i.shape for i in inputs]}")
+        self._input = inputs[0].name
+        meta = decode(self._session.get_modelmeta().custom_metadata_map)
+        shape = tuple(d if isinstance(d, int) else None for d in inputs[0].shape[1:])
+        if "input_shape" in meta:
+            shape = tuple(meta["input_shape"])
+        out_dim = outputs[0].shape[-1] if outputs[0].shape else None
+        classes = tuple(meta.get("classes") or [str(i) for i in range(out_dim if isinstance(out_dim, int) else 0)])
+        if not classes:
+            raise BadInput(f"{self.path} does not declare its number of classes (dynamic output and no metadata)")
+        # An artifact without edgeguard metadata may output logits; decide once, from the graph.
+        self._softmax = meta.get("output", "") != "probabilities" and not self._ends_in_softmax()
+        defense = meta.get("defense", {"name": "none"})
+        return RunnerInfo(
+            backend=self.backend,
+            precision=meta.get("precision") or self._detect_precision(),
+            defense=defense.get("name", "none") if isinstance(defense, dict) else str(defense),
+            input_shape=shape,
+            classes=classes,
+            sha256=sha256_file(self.path),
+            path=str(self.path),
+            device=self._session.get_providers()[0],
+            details=(
+                ("providers", tuple(self._session.get_providers())),
+                ("source_sha256", meta.get("source_sha256")),
+                ("edgeguard_version", meta.get("version")),
+                ("softmax_added_by_runner", self._softmax),
+            ),
+        )
+
+    def _graph(self):
+        import onnx
+
+        return onnx.load(str(self.path), load_external_data=False).graph
+
+    def _ends_in_softmax(self) -> bool:
+        g = self._graph()
+        out = g.output[0].name
+        return any(n.op_type == "Softmax" and out in n.output for n in g.node)
+
+    def _detect_precision(self) -> str:
+        ops = {n.op_type for n in self._graph().node}
+        return "int8" if "QuantizeLinear" in ops or "DequantizeLinear" in ops else "fp32"
+
+    def _predict_impl(self, x: np.ndarray) -> np.ndarray:
+        out = self._session.run(None, {self._input: x})[0]
+        if self._softmax:
+            z = out - out.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            out = e / e.sum(axis=1, keepdims=True)
+        return out
+
+    def _close_impl(self) -> None:
+        self._session = None
+
+
