@@ -1,0 +1,5 @@
+import sys
+
+from edgeguard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""Library functions behind the CLI commands; ``pipeline`` calls the same ones in-process.
+
+Each returns a result object with ``to_json()`` and ``passed``.  None of them prints results:
+the CLI renders them, progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeguard.bundle import ModelSpec, load_bundle, save_bundle, stage_record
+from edgeguard.config import DataConfig, ModelConfig
+from edgeguard.data import ImageDataset, load_dataset
+from edgeguard.errors import BadInput
+from edgeguard.evaluate import AccuracyResult, BenchConfig, BenchResult, bench_runners, evaluate_accuracy
+from edgeguard.export import ExportConfig, ExportResult, export_onnx
+from edgeguard.models import count_parameters, create_model
+from edgeguard.runtime import artifact_kind, open_runner
+from edgeguard.training import FitResult, TrainConfig, fit
+
+VAL_FRACTION = 0.1  # held out of the training split when early stopping needs a validation set
+
+
+def load_data(cfg: DataConfig, split: str) -> ImageDataset:
+    return load_dataset(cfg.name, split, root=cfg.root, **cfg.options)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    bundle: str
+    sha256: str
+    arch: str
+    dataset: str
+    parameters: int
+    fit: FitResult
+    passed: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bundle": self.bundle,
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "dataset": self.dataset,
+            "parameters": self.parameters,
+            **self.fit.to_json(),
+        }
+
+
+def train_bundle(data: DataConfig, model: ModelConfig, train: TrainConfig, out: str | Path) -> TrainResult:
+    """Train ``model.arch`` on ``data`` (train split) and write a bundle to ``out``."""
+    train_data = load_data(data, "train")
+    info = train_data.info
+    torch.manual_seed(train.seed)  # model initialisation is part of the seeded run
+    net = create_model(
+        model.arch, num_classes=info.num_classes, in_channels=info.input_shape[0], mean=info.mean, std=info.std, **model.options
+    )
+    val = None
+    if train.early_stop_patience:
+        g = torch.Generator().manual_seed(train.seed)
+        order = torch.randperm(len(train_data), generator=g)
+        n_val = max(1, int(len(train_data) * VAL_FRACTION))
+        val, train_data = train_data.subset(order[:n_val]), train_data.subset(order[n_val:])
+    result = fit(net, train_data, train, val_data=val, desc=f"train {model.arch} on {data.name}")
+    spec = ModelSpec(model.arch, info.num_classes, info.classes, info.input_shape, info.mean, info.std, dict(model.options))
+    stage = stage_record(
+        "train",
+        train,
+        data=data.to_dict(),
+        model=model.to_dict(),
+        result={k: v for k, v in result.to_json().items() if k != "history"},
+        final=result.history[-1] if result.history else {},
+    )
+    bundle = save_bundle(out, net, spec, stages=[stage], dataset=data.name)
+    return TrainResult(str(bundle.path), bundle.sha256, model.arch, data.name, count_parameters(net), result)
+
+
+def evaluate_artifact(
+    artifact: str | Path,
+    data: DataConfig,
+    *,
+    split: str = "test",
+    min_accuracy: float | None = None,
+    device: str | None = None,
+    batch_size: int = 256,
+) -> AccuracyResult:
+    with open_runner(artifact, device=device) as runner:
+        return evaluate_accuracy(runner, load_data(data, split), batch_size=batch_size, min_accuracy=min_accuracy)
+
+
+def export_bundle(bundle: str | Path, out: str | Path, cfg: ExportConfig | None = None) -> ExportResult:
+    if artifact_kind(bundle) != "bundle":
+        raise BadInput(f"export takes a bundle folder, not {bundle}")
+    return export_onnx(load_bundle(bundle), out, cfg)
+
+
+@dataclass(frozen=True)
+class ArtifactDescription:
+    info: dict[str, Any]
+    details: dict[str, Any]
+    passed: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"info": self.info, **self.details}
+
+
+def describe_artifact(path: str | Path) -> ArtifactDescription:
+    """What an artifact is: the Runner's info plus the manifest (bundle) or the graph summary (ONNX)."""
+    kind = artifact_kind(path)
+    details: dict[str, Any] = {"kind": kind.lstrip(".")}
+    if kind == "bundle":
+        b = load_bundle(path)
+        details["manifest"] = b.manifest
+        details["vault_entries"] = b.vault.names()
+    elif kind == ".onnx":
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:
+            raise BadInput(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+        ops: dict[str, int] = {}
+        for n in proto.graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        details["onnx"] = {
+            "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+            "ir_version": proto.ir_version,
+            "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+            "nodes": len(proto.graph.node),
+            "ops": dict(sorted(ops.items())),
+            "metadata": {p.key: p.value for p in proto.metadata_props},
+            "bytes": Path(path).stat().st_size,
+        }
+    with open_runner(path) as runner:
+        info = runner.info.to_json()
+    return ArtifactDescription(info=info, details=details)
+
+
+def bench_artifacts(paths: list[str | Path], cfg: BenchConfig | None = None, *, device: str | None = None) -> BenchResult:
+    if not paths:
+        raise BadInput("bench needs at least one artifact")
+    runners = [open_runner(p, device=device) for p in paths]
+    try:
+        shapes = {r.info.input_shape for r in runners}
+        if len(shapes) > 1:
+            raise BadInput(f"artifacts take different input shapes {sorted(map(str, shapes))}; bench them separately")
+        return bench_runners(runners, cfg)
+    finally:
+        for r in runners:
+            r.close()

@@ -1,0 +1,278 @@
+"""The ``edgeguard`` command line: one thin command per stage over ``edgeguard.api``.
+
+Contract (DESIGN.md): every command takes ``--json PATH``; exit 0 success, 1 a check failed,
+2 bad usage or input, 3 a needed optional backend is missing.  Results go to stdout, progress to
+stderr, and an error is one sentence on stderr -- never a traceback for a user error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgeguard.errors import EdgeguardError
+
+# --- shared options, defined once ------------------------------------------------------------------
+
+
+class KeyValue(click.ParamType):
+    """``k=v`` -> (k, v); a malformed pair is a usage error (exit 2)."""
+
+    name = "k=v"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return value
+        if "=" not in value:
+            self.fail(f"{value!r} is not of the form key=value", param, ctx)
+        k, v = value.split("=", 1)
+        return k.strip(), _scalar(v.strip())
+
+
+def _scalar(v: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+
+
+def _registry_names(kind: str) -> list[str]:
+    if kind == "model":
+        from edgeguard.models import MODELS
+
+        return MODELS.names()
+    from edgeguard.data import DATASETS
+
+    return DATASETS.names()
+
+
+JSON_OUT = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON to this file.")
+SEED = click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")
+DEVICE = click.option("--device", type=str, default=None, help="cpu (default) or cuda[:N].")
+ARTIFACT = click.argument("artifact", type=click.Path(path_type=Path))
+DATASET = click.option("--dataset", type=click.Choice(_registry_names("dataset")), default=None, help="Dataset registry name.")
+DATA_ROOT = click.option("--data-root", type=str, default=None, help="Where the dataset's files are (on-disk formats).")
+DATA_OPTION = click.option("--data-option", "data_options", type=KeyValue(), multiple=True, help="Dataset option k=v (repeatable).")
+SPLIT = click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+
+
+def _data_config(dataset: str | None, root: str | None, options: tuple, default: Any = None):
+    from edgeguard.config import DataConfig
+
+    base = default or DataConfig()
+    opts = dict(base.options)
+    opts.update(dict(options))
+    return DataConfig(name=dataset or base.name, root=root if root is not None else base.root, options=opts)
+
+
+def emit(result: Any, json_path: Path | None, human: str) -> None:
+    """Print the human summary, write the JSON, and exit 1 if the result's verdict is negative."""
+    if json_path is not None:
+        from edgeguard.fileio import atomic_write_json
+
+        atomic_write_json(json_path, result.to_json())
+    click.echo(human)
+    if not getattr(result, "passed", True):
+        raise SystemExit(1)
+
+
+# --- the commands ------------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeguard")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output on stderr.")
+def cli(quiet: bool) -> None:
+    """edgeguard: train, protect, quantize, export and verify image classifiers.
+
+    ARTIFACT arguments take a bundle folder, a .onnx file or a .engine file.
+    """
+    if quiet:
+        os.environ["EDGEGUARD_QUIET"] = "1"
+
+
+@cli.command("train")
+@DATASET
+@DATA_ROOT
+@DATA_OPTION
+@click.option("--arch", type=click.Choice(_registry_names("model")), default=None, help="Model registry name (default smallcnn).")
+@click.option("--model-option", "model_options", type=KeyValue(), multiple=True, help="Model option k=v (repeatable).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML with data/model/train sections (as in a pipeline config); flags override it.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default=None)
+@click.option("--augment", type=click.Choice(["none", "shift", "crop_flip"]), default=None)
+@click.option("--early-stop", "early_stop_patience", type=int, default=None, help="Patience in epochs on a 10% hold-out (0: off).")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@SEED
+@DEVICE
+@JSON_OUT
+def train_cmd(dataset, data_root, data_options, arch, model_options, config_path, epochs, batch_size, lr, optimizer,
+              schedule, augment, early_stop_patience, max_steps, out, seed, device, json_path):
+    """Train a model on a dataset and write a bundle."""
+    from edgeguard.api import train_bundle
+    from edgeguard.config import ModelConfig
+    from edgeguard.pipeline import PipelineConfig
+
+    base = PipelineConfig.load(config_path) if config_path else PipelineConfig()
+    data = _data_config(dataset, data_root, data_options, base.data)
+    model = ModelConfig(arch=arch or base.model.arch, options={**base.model.options, **dict(model_options)})
+    train = base.train.replace(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+                               augment=augment, early_stop_patience=early_stop_patience, max_steps=max_steps,
+                               seed=seed if seed is not None else (base.seed if config_path else None), device=device)
+    res = train_bundle(data, model, train, out)
+    last = res.fit.history[-1]
+    emit(res, json_path, f"bundle {res.bundle} (sha256 {res.sha256[:12]}): {res.arch} on {res.dataset}, "
+                         f"{res.fit.epochs} epochs in {res.fit.seconds:.1f} s, final loss {last['loss']:.4f}, "
+                         f"train accuracy {last.get('train_accuracy', float('nan')):.4f}")
+
+
+@cli.command("evaluate")
+@ARTIFACT
+@DATASET
+@DATA_ROOT
+@DATA_OPTION
+@SPLIT
+@click.option("--min-accuracy", type=float, default=None, help="Exit 1 if accuracy is below this.")
+@DEVICE
+@SEED
+@JSON_OUT
+def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy, device, seed, json_path):
+    """Top-1 accuracy of an artifact on a dataset split, through its Runner."""
+    from edgeguard.api import evaluate_artifact
+
+    data = _data_config(dataset, data_root, data_options, _default_data(artifact))
+    res = evaluate_artifact(artifact, data, split=split, min_accuracy=min_accuracy, device=device)
+    art = res.artifact
+    emit(res, json_path, f"accuracy {res.accuracy:.4f} ({res.correct}/{res.n}) on {res.dataset}/{res.split}: "
+                         f"{artifact} [{art['backend']} {art['precision']}, defense {art['defense']}]")
+
+
+def _default_data(artifact: Path):
+    """A bundle remembers the dataset it was trained on; use it when --dataset is not given."""
+    from edgeguard.bundle import is_bundle, load_bundle
+    from edgeguard.config import DataConfig, config_from_dict
+
+    if is_bundle(artifact):
+        for st in load_bundle(artifact, verify=False).stages:
+            if st.get("stage") == "train" and "data" in st:
+                return config_from_dict(st["data"])
+    return DataConfig()
+
+
+@cli.command("export")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 20).")
+@click.option("--max-batch", type=int, default=None, help="Upper bound of the dynamic batch axis.")
+@SEED
+@JSON_OUT
+def export_cmd(bundle, out, opset, max_batch, seed, json_path):
+    """Export a bundle to ONNX (probabilities out, dynamic batch, metadata, parity self-check)."""
+    from edgeguard.api import export_bundle
+    from edgeguard.export import ExportConfig
+
+    res = export_bundle(bundle, out, ExportConfig().replace(opset=opset, max_batch=max_batch))
+    emit(res, json_path, f"wrote {res.path} ({res.bytes:,} bytes, opset {res.opset}, sha256 {res.sha256[:12]}); "
+                         f"self-check vs PyTorch: max |Δprob| {res.self_check_max_abs_diff:.2e}, "
+                         f"top-1 agreement {res.self_check_top1_agreement:.4f}")
+
+
+@cli.command("info")
+@ARTIFACT
+@JSON_OUT
+def info_cmd(artifact, json_path):
+    """Describe an artifact: backend, precision, defense, input shape, classes, hashes, stages."""
+    from edgeguard.api import describe_artifact
+
+    res = describe_artifact(artifact)
+    i = res.info
+    lines = [
+        f"artifact    {i['path']}",
+        f"backend     {i['backend']} ({i['device']})",
+        f"precision   {i['precision']}",
+        f"defense     {i['defense']}",
+        f"input       N x {' x '.join(str(d) for d in i['input_shape'])} (raw images in [0,1] or uint8)",
+        f"classes     {len(i['classes'])}: {', '.join(i['classes'][:10])}{' ...' if len(i['classes']) > 10 else ''}",
+        f"sha256      {i['sha256']}",
+    ]
+    if "manifest" in res.details:
+        m = res.details["manifest"]
+        lines.append(f"arch        {m['arch']} (edgeguard {m['edgeguard_version']})")
+        lines.append(f"stages      {' -> '.join(s['stage'] for s in m['stages'])}")
+        lines.append(f"vault       {', '.join(res.details['vault_entries']) or '(empty)'}")
+    if "onnx" in res.details:
+        o = res.details["onnx"]
+        lines.append(f"onnx        opset {o['opset']}, {o['nodes']} nodes, {o['bytes']:,} bytes")
+    emit(res, json_path, "\n".join(lines))
+
+
+@cli.command("bench")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch-sizes", default="1,64", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--iterations", type=int, default=50, show_default=True)
+@DEVICE
+@SEED
+@JSON_OUT
+def bench_cmd(artifacts, batch_sizes, warmup, iterations, device, seed, json_path):
+    """Latency (p50/p90) and throughput of artifacts side by side; ratios against the first."""
+    from edgeguard.api import bench_artifacts
+    from edgeguard.config import Config
+    from edgeguard.evaluate import BenchConfig
+
+    cfg: Config = BenchConfig.from_mapping(
+        {"batch_sizes": batch_sizes, "warmup": warmup, "iterations": iterations, "seed": seed or 0}, what="bench"
+    )
+    res = bench_artifacts(list(artifacts), cfg, device=device)
+    emit(res, json_path, res.table())
+
+
+@cli.command("pipeline")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder to write.")
+@SEED
+@JSON_OUT
+def pipeline_cmd(config_path, out, seed, json_path):
+    """Run every stage of a config (train -> export -> evaluate -> bench) and write report.md/json."""
+    from edgeguard.pipeline import PipelineConfig, run_pipeline
+
+    res = run_pipeline(PipelineConfig.load(config_path, seed=seed), out)
+    lines = [f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in res.report["checks"]]
+    lines.append(f"report: {Path(out) / 'report.md'}")
+    emit(res, json_path, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps EdgeguardError to its exit code with one sentence on stderr."""
+    try:
+        cli.main(args=argv, prog_name="edgeguard", standalone_mode=False)
+    except EdgeguardError as e:
+        click.echo(f"edgeguard: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("edgeguard: interrupted; outputs are written atomically, so nothing half-written was left", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("edgeguard: interrupted; outputs are written atomically, so nothing half-written was left", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

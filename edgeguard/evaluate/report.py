@@ -1,0 +1,77 @@
+"""Pipeline reports: ``report.json`` (everything, machine-readable) and ``report.md`` (for people)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgeguard.fileio import atomic_write_bytes, atomic_write_json
+
+
+def _table(head: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    align = align or "l" * len(head)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    res = report["results"]
+    cfg = report["config"]["params"]
+    out = [f"# edgeguard pipeline report: {report['name']}", ""]
+    verdict = "PASS" if report["passed"] else "FAIL"
+    out += [
+        f"- verdict: **{verdict}** ({sum(c['passed'] for c in report['checks'])}/{len(report['checks'])} checks passed)",
+        f"- edgeguard {report['edgeguard_version']}, "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        f"- seed {cfg['seed']}; total time {report['seconds']['total']:.1f} s "
+        + "(" + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items() if k != "total") + ")",
+        "",
+    ]
+    if "train" in res:
+        t = res["train"]
+        last = t["history"][-1] if t["history"] else {}
+        out += ["## Training", ""]
+        out += [
+            _table(
+                ["arch", "dataset", "parameters", "epochs", "steps", "seconds", "final loss", "final train acc"],
+                [[t["arch"], t["dataset"], f"{t['parameters']:,}", t["epochs"], t["steps"], f"{t['seconds']:.1f}",
+                  f"{last.get('loss', float('nan')):.4f}", f"{last.get('train_accuracy', float('nan')):.4f}"]],
+                "llrrrrrr",
+            ),
+            "",
+        ]
+    if "evaluate" in res:
+        acc = res["evaluate"]["accuracy"]
+        any_acc = next(iter(acc.values()))
+        out += [f"## Accuracy ({any_acc['dataset']} {any_acc['split']} split, n={any_acc['n']})", ""]
+        rows = []
+        for name, a in acc.items():
+            art = a["artifact"]
+            rows.append([name, art["backend"], art["precision"], art["defense"], f"{a['accuracy']:.4f}",
+                         f"{a['correct']}/{a['n']}", art["sha256"][:12]])
+        out += [_table(["artifact", "backend", "precision", "defense", "accuracy", "correct", "sha256"], rows, "llllrrl"), ""]
+        if res["evaluate"]["parity"]:
+            out += ["## Parity with the PyTorch bundle (same inputs, whole split)", ""]
+            rows = [[name, f"{p['max_abs_diff']:.2e}", f"{p['mean_abs_diff']:.2e}", f"{p['top1_agreement']:.4f}",
+                     f"{p['atol']:g}", "pass" if p["passed"] else "FAIL"] for name, p in res["evaluate"]["parity"].items()]
+            out += [_table(["artifact", "max abs Δprob", "mean abs Δprob", "top-1 agreement", "tolerance", "verdict"], rows, "lrrrrl"), ""]
+    if "bench" in res:
+        b = res["bench"]
+        m = b["machine"]
+        out += [f"## Latency ({m['processor']}, {m['cpus']} CPUs; warm-up excluded; speed-up relative to the first row)", ""]
+        rows = [[r["artifact"], r["backend"], r["batch"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['throughput']:.0f}",
+                 f"{r['ratio_p50']:.2f}x"] for r in b["rows"]]
+        out += [_table(["artifact", "backend", "batch", "p50 ms", "p90 ms", "img/s", "speed-up"], rows, "llrrrrr"), ""]
+    out += ["## Artifacts", ""]
+    out += [_table(["name", "path"], [[k, f"`{v}`"] for k, v in report["artifacts"].items()]), ""]
+    out += ["## Checks", ""]
+    out += [f"- {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in report["checks"]]
+    return "\n".join(out) + "\n"
+
+
+def write_report(out_dir: str | Path, report: dict[str, Any]) -> None:
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_bytes(out_dir / "report.md", render_markdown(report).encode())

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny trained bundle (smallcnn on digits) and its ONNX export, built once.
+
+Markers: ``slow`` (long end-to-end; CI runs them), ``gpu`` and ``tensorrt`` (skipped automatically
+when the capability is missing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("EDGEGUARD_QUIET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = torch.cuda.is_available()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "tensorrt" in item.keywords and not (has_gpu and has_trt):
+            item.add_marker(pytest.mark.skip(reason="needs tensorrt and a GPU"))
+
+
+TINY_EPOCHS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A smallcnn trained on digits for a few epochs (seconds); the path of its bundle folder."""
+    from edgeguard.api import train_bundle
+    from edgeguard.config import DataConfig, ModelConfig
+    from edgeguard.training import TrainConfig
+
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    train_bundle(DataConfig("digits"), ModelConfig("smallcnn"), TrainConfig(epochs=TINY_EPOCHS, lr=0.05, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_bundle, tmp_path_factory):
+    """The tiny bundle exported to ONNX."""
+    from edgeguard.api import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_onnx") / "model.onnx"
+    export_bundle(tiny_bundle, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    from edgeguard.data import load_dataset
+
+    return load_dataset("digits", "test")
