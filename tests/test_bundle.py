@@ -1,0 +1,127 @@
+"""Bundles: round trip, tamper refusal, atomic writes, the owner vault."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from edgeguard.bundle import MANIFEST, WEIGHTS, ModelSpec, Vault, load_bundle, save_bundle, stage_record
+from edgeguard.errors import BadInput
+from edgeguard.fileio import sha256_file
+from edgeguard.models import create_model
+from edgeguard.training import TrainConfig
+
+SPEC = ModelSpec("smallcnn", 10, tuple("0123456789"), (1, 32, 32), (0.3,), (0.3,), {"width": 8, "hidden": 16})
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return SPEC.build().eval()
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    m = _model()
+    b = save_bundle(tmp_path / "b", m, SPEC, stages=[stage_record("train", TrainConfig(epochs=1))], dataset="digits")
+    x = torch.rand(4, 1, 32, 32)
+    again = load_bundle(b.path).load_model()
+    torch.testing.assert_close(again(x), m(x), rtol=0, atol=0)
+    man = json.loads((b.path / MANIFEST).read_text())
+    assert man["arch"] == "smallcnn" and man["model_options"] == {"width": 8, "hidden": 16}
+    assert man["files"][WEIGHTS]["sha256"] == sha256_file(b.path / WEIGHTS)
+    assert man["stages"][0]["stage"] == "train" and man["stages"][0]["config"]["type"] == "TrainConfig"
+    assert man["normalization"] == {"mean": [0.3], "std": [0.3]}
+    assert man["edgeguard_version"]
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    b = save_bundle(tmp_path / "b", _model(), SPEC, stages=[])
+    data = bytearray((b.path / WEIGHTS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b.path / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(BadInput, match="does not match the sha256"):
+        load_bundle(b.path)
+
+
+def test_edited_manifest_is_refused(tmp_path):
+    b = save_bundle(tmp_path / "b", _model(), SPEC, stages=[])
+    (b.path / MANIFEST).write_text("{not json")
+    with pytest.raises(BadInput, match="not valid JSON"):
+        load_bundle(b.path)
+
+
+def test_non_state_dict_pickle_is_refused_even_with_matching_hash(tmp_path):
+    b = save_bundle(tmp_path / "b", _model(), SPEC, stages=[])
+    torch.save({"weights": [1, 2, 3]}, b.path / WEIGHTS)
+    man = json.loads((b.path / MANIFEST).read_text())
+    man["files"][WEIGHTS]["sha256"] = sha256_file(b.path / WEIGHTS)
+    (b.path / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(BadInput, match="not a state dict"):
+        load_bundle(b.path).load_model()
+
+
+def test_state_dict_of_another_architecture_is_refused(tmp_path):
+    other = create_model("smallcnn", num_classes=10, in_channels=1)  # default width: shapes differ
+    b = save_bundle(tmp_path / "b", other, SPEC, stages=[])
+    with pytest.raises(BadInput, match="does not fit architecture 'smallcnn'"):
+        b.load_model()
+
+
+def test_failed_write_leaves_previous_bundle_intact(tmp_path):
+    out = tmp_path / "b"
+    first = save_bundle(out, _model(0), SPEC, stages=[])
+    before = first.sha256
+
+    class Boom(torch.nn.Module):
+        def state_dict(self, *a, **k):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_bundle(out, Boom(), SPEC, stages=[])
+    assert load_bundle(out).sha256 == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temp folders left behind
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_bundle(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(BadInput, match="not an edgeguard bundle"):
+        save_bundle(out, _model(), SPEC, stages=[])
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_vault_round_trip_tamper_and_inheritance(tmp_path):
+    parent = save_bundle(tmp_path / "p", _model(), SPEC, stages=[])
+    v = parent.vault
+    v.put_json("watermark", {"n": 3, "labels": [1, 2, 3]})
+    v.put_tensors("triggers", {"x": torch.arange(6.0).view(2, 3)})
+    assert v.names() == ["triggers", "watermark"]
+    assert v.get_json("watermark")["labels"] == [1, 2, 3]
+    torch.testing.assert_close(v.get_tensors("triggers")["x"], torch.arange(6.0).view(2, 3))
+
+    child = save_bundle(tmp_path / "c", _model(1), SPEC, stages=[], parent=parent)
+    assert child.vault.names() == ["triggers", "watermark"]
+    assert child.manifest["parent_sha256"] == parent.sha256
+    assert "vault" not in child.manifest["files"]  # secrets are not part of the shipped files
+
+    (parent.path / "vault" / "watermark.json").write_text('{"n": 3, "labels": [9, 9, 9]}')
+    with pytest.raises(BadInput, match="was modified"):
+        v.get_json("watermark")
+    with pytest.raises(BadInput, match="no json entry"):
+        Vault(tmp_path / "empty").get_json("nothing")
+
+
+def test_missing_and_foreign_paths(tmp_path):
+    with pytest.raises(BadInput, match="does not exist"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(BadInput, match="not an edgeguard bundle"):
+        load_bundle(tmp_path / "folder")
+    b = save_bundle(tmp_path / "b", _model(), SPEC, stages=[])
+    shutil.copytree(b.path, tmp_path / "copy")
+    (tmp_path / "copy" / WEIGHTS).unlink()
+    with pytest.raises(BadInput, match="missing model.pt"):
+        load_bundle(tmp_path / "copy")

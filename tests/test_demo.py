@@ -1,0 +1,28 @@
+"""The demo pipeline exactly as README's `make demo` runs it (slow: ~30 s on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgeguard.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_meets_the_acceptance_bar(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["pipeline", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    acc = report["results"]["evaluate"]["accuracy"]
+    assert acc["bundle"]["accuracy"] >= 0.95 and acc["bundle"]["n"] == 540
+    assert acc["onnx"]["accuracy"] == acc["bundle"]["accuracy"]
+    parity = report["results"]["evaluate"]["parity"]["onnx"]
+    assert parity["max_abs_diff"] <= 1e-5 and parity["top1_agreement"] == 1.0
+    assert {r["batch"] for r in report["results"]["bench"]["rows"]} == {1, 64}
+    md = (out / "report.md").read_text()
+    assert "## Accuracy (digits test split, n=540)" in md and "FAIL" not in md
+    assert report["seconds"]["total"] < 300
