@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from edgeguard.bundle import ModelSpec, load_bundle, save_bundle, stage_record
+from edgeguard.bundle import ModelSpec, check_target, load_bundle, save_bundle, stage_record
 from edgeguard.config import DataConfig, ModelConfig
 from edgeguard.data import ImageDataset, load_dataset
 from edgeguard.errors import BadInput
@@ -52,6 +52,7 @@ class TrainResult:
 
 def train_bundle(data: DataConfig, model: ModelConfig, train: TrainConfig, out: str | Path) -> TrainResult:
     """Train ``model.arch`` on ``data`` (train split) and write a bundle to ``out``."""
+    check_target(out)
     train_data = load_data(data, "train")
     info = train_data.info
     torch.manual_seed(train.seed)  # model initialisation is part of the seeded run

@@ -36,6 +36,19 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def may_replace(path: str | Path) -> bool:
+    """A bundle may be written over an earlier bundle or an empty folder, never over other content."""
+    p = Path(path)
+    return is_bundle(p) or (p.is_dir() and not any(p.iterdir()))
+
+
+def check_target(out: str | Path) -> None:
+    """Fail before any long work when ``out`` could not be written as a bundle."""
+    p = Path(out)
+    if p.exists() and not may_replace(p):
+        raise BadInput(f"refusing to overwrite {p}: it exists and is not an edgeguard bundle (choose another --out)")
+
+
 def stage_record(stage: str, config: Any = None, **info: Any) -> dict[str, Any]:
     """A manifest stage entry: the stage name, its config dict, and any results worth keeping."""
     rec: dict[str, Any] = {"stage": stage, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -175,7 +188,8 @@ def save_bundle(
     """
     out = Path(out)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_dir(out, may_replace=is_bundle) as tmp:
+    check_target(out)
+    with atomic_dir(out, may_replace=may_replace) as tmp:
         atomic_write(tmp / WEIGHTS, lambda t: torch.save(sd, t))
         if parent is not None and (parent.path / VAULT).is_dir():
             shutil.copytree(parent.path / VAULT, tmp / VAULT)

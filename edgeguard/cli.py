@@ -66,6 +66,8 @@ def _data_config(dataset: str | None, root: str | None, options: tuple, default:
     from edgeguard.config import DataConfig
 
     base = default or DataConfig()
+    if dataset is not None and dataset != base.name:
+        base = DataConfig(name=dataset)  # another dataset: the default's root and options do not apply to it
     opts = dict(base.options)
     opts.update(dict(options))
     return DataConfig(name=dataset or base.name, root=root if root is not None else base.root, options=opts)

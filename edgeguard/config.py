@@ -50,8 +50,12 @@ class Config:
         params = dict(params or {})
         for f in dataclasses.fields(cls):
             sub = _nested_config_type(cls, f.name)
-            if sub is not None and isinstance(params.get(f.name), Mapping):
-                params[f.name] = sub.from_mapping(params[f.name], what=f"{what or cls.__name__}.{f.name}")
+            if sub is None or f.name not in params or isinstance(params[f.name], sub):
+                continue
+            v = params[f.name]
+            if v is not None and not isinstance(v, Mapping):  # e.g. ``data: digits`` instead of ``data: {name: digits}``
+                raise BadInput(f"{what or cls.__name__}.{f.name} must be a mapping of settings, got {v!r:.60}")
+            params[f.name] = sub.from_mapping(v, what=f"{what or cls.__name__}.{f.name}")  # None (empty section): defaults
         return coerce_config(cls, params, what=what or cls.__name__)
 
     def replace(self, **changes: Any) -> Config:

@@ -125,3 +125,24 @@ def test_missing_and_foreign_paths(tmp_path):
     (tmp_path / "copy" / WEIGHTS).unlink()
     with pytest.raises(BadInput, match="missing model.pt"):
         load_bundle(tmp_path / "copy")
+
+
+def test_target_is_checked_before_long_work(tmp_path, monkeypatch):
+    from edgeguard import api
+    from edgeguard.bundle import check_target
+    from edgeguard.config import DataConfig, ModelConfig
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_target(empty)  # an empty folder is a fine target
+    save_bundle(empty, _model(), SPEC, stages=[])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "data.csv").write_text("1,2")
+
+    def no_training(*a, **k):
+        raise AssertionError("training started although the output folder cannot be written")
+
+    monkeypatch.setattr(api, "fit", no_training)
+    with pytest.raises(BadInput, match="refusing to overwrite"):
+        api.train_bundle(DataConfig("digits"), ModelConfig("smallcnn"), TrainConfig(epochs=1), busy)

@@ -43,7 +43,7 @@ def test_same_seed_same_weights(digits):
     a, b = _model(train), _model(train)
     fit(a, small, TrainConfig(epochs=1, seed=3, augment="shift"))
     fit(b, small, TrainConfig(epochs=1, seed=3, augment="shift"))
-    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), n
     c = _model(train)
     fit(c, small, TrainConfig(epochs=1, seed=4, augment="shift"))

@@ -1,7 +1,11 @@
 """Latency and throughput of one or more artifacts, measured side by side in one run.
 
-For each batch size the runners are timed round-robin (one call each per iteration) so that drift
-on a busy machine hits all of them alike; ratios are against the first runner.
+For each batch size the timed calls are split into ``rounds``; in every round each runner makes a
+block of consecutive calls (after ``rewarm`` untimed ones), and the runner order alternates between
+rounds.  Blocks, not call-by-call interleaving: on a small CPU the thread pool one runtime leaves
+spinning after a call (ONNX Runtime, OpenMP) slows the other's next call, which biased an
+interleaved comparison by up to 20% on 2 cores.  Alternating rounds keep slow drift of a busy
+machine from favouring whichever runner went first.  Ratios are against the first runner.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from edgeguard.runtime import Runner
 @dataclass(frozen=True)
 class BenchConfig(Config):
     batch_sizes: tuple[int, ...] = (1, 64)
-    warmup: int = 5  # untimed calls per runner and batch size
-    iterations: int = 50  # timed calls per runner and batch size
+    warmup: int = 5  # untimed calls per runner and batch size, before the first round
+    iterations: int = 50  # timed calls per runner and batch size, over all rounds
+    rounds: int = 3  # blocks per runner; the order of runners alternates between rounds
+    rewarm: int = 2  # untimed calls at the start of every block (after switching runner)
     seed: int = 0
 
     def __post_init__(self) -> None:
         require(len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes), "batch_sizes must be >= 1")
         require(self.warmup >= 0 and self.iterations >= 1, "warmup must be >= 0 and iterations >= 1")
+        require(self.rounds >= 1 and self.rewarm >= 0, "rounds must be >= 1 and rewarm >= 0")
 
 
 @dataclass(frozen=True)
@@ -83,22 +90,32 @@ def bench_runners(runners: list[Runner], cfg: BenchConfig | None = None, *, name
     names = names or [str(r.path) for r in runners]
     rng = np.random.default_rng(cfg.seed)
     rows: list[BenchRow] = []
-    total = len(cfg.batch_sizes) * len(runners) * (cfg.warmup + cfg.iterations)
+    rounds = min(cfg.rounds, cfg.iterations)
+    per_round = [cfg.iterations // rounds + (1 if i < cfg.iterations % rounds else 0) for i in range(rounds)]
+    total = len(cfg.batch_sizes) * len(runners) * (cfg.warmup + cfg.iterations + rounds * cfg.rewarm)
     with task("bench", total) as bar:
         for bs in cfg.batch_sizes:
             shape = runners[0].info.input_shape
             x = rng.random((bs, *[d or 32 for d in shape]), dtype=np.float32)
-            times = [[] for _ in runners]
-            for _ in range(cfg.warmup):
-                for r in runners:
+            times: list[list[float]] = [[] for _ in runners]
+            for r in runners:
+                for _ in range(cfg.warmup):
                     r.predict(x, batch_size=bs)
                     bar.advance()
-            for _ in range(cfg.iterations):
-                for i, r in enumerate(runners):
-                    t0 = time.perf_counter()
-                    r.predict(x, batch_size=bs)
-                    times[i].append((time.perf_counter() - t0) * 1000.0)
-                    bar.advance()
+            for k, n_calls in enumerate(per_round):
+                order = list(range(len(runners)))
+                if k % 2:
+                    order.reverse()
+                for i in order:
+                    r = runners[i]
+                    for _ in range(cfg.rewarm):
+                        r.predict(x, batch_size=bs)
+                        bar.advance()
+                    for _ in range(n_calls):
+                        t0 = time.perf_counter()
+                        r.predict(x, batch_size=bs)
+                        times[i].append((time.perf_counter() - t0) * 1000.0)
+                        bar.advance()
             p50_first = float(np.percentile(times[0], 50))
             for i, r in enumerate(runners):
                 t = np.asarray(times[i])

@@ -25,7 +25,7 @@ def check_compatible(runner: Runner, data: ImageDataset) -> None:
         )
     want = info.input_shape
     got = data.info.input_shape
-    if any(w is not None and w != g for w, g in zip(want, got)):
+    if any(w is not None and w != g for w, g in zip(want, got, strict=True)):
         raise BadInput(f"dataset {data.info.name!r} images are {got} but {runner.path} takes {tuple(want)}")
 
 

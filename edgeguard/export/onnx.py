@@ -83,7 +83,7 @@ def _quiet_exporter():
         try:
             yield buf
         finally:
-            for lg, level in zip(quiet, levels):
+            for lg, level in zip(quiet, levels, strict=True):
                 lg.setLevel(level)
 
 

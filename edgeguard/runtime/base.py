@@ -109,7 +109,7 @@ class Runner:
         expected = self.info.input_shape
         if arr.ndim != 4:
             raise BadInput(f"input must be N x C x H x W images, got shape {arr.shape}")
-        if any(e is not None and e != a for e, a in zip(expected, arr.shape[1:])):
+        if any(e is not None and e != a for e, a in zip(expected, arr.shape[1:], strict=True)):
             want = "x".join("?" if e is None else str(e) for e in expected)
             raise BadInput(f"input shape {tuple(arr.shape)} does not match the model's N x {want}")
         if arr.dtype == np.uint8:
