@@ -15,7 +15,6 @@ big models on small CPUs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -363,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['model']}: export {m['export_seconds']:.1f}s, {m['onnx_bytes'] / 1e6:.2f} MB, self-check max |Δprob| "
             f"{m['self_check_max_abs_diff']:.1e}, top-1 agreement {m['self_check_top1_agreement']:.3f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    from edgeguard.fileio import atomic_write_json
+
+    atomic_write_json(args.out, result)
     print(f"\ntotal {result['total_seconds']:.1f}s; wrote {args.out}")
     return 0
 

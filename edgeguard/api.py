@@ -140,15 +140,19 @@ def describe_artifact(path: str | Path) -> ArtifactDescription:
     return ArtifactDescription(info=info, details=details)
 
 
-def bench_artifacts(paths: list[str | Path], cfg: BenchConfig | None = None, *, device: str | None = None) -> BenchResult:
+def bench_artifacts(
+    paths: list[str | Path], cfg: BenchConfig | None = None, *, device: str | None = None, names: list[str] | None = None
+) -> BenchResult:
     if not paths:
         raise BadInput("bench needs at least one artifact")
-    runners = [open_runner(p, device=device) for p in paths]
+    runners = []
     try:
+        for p in paths:
+            runners.append(open_runner(p, device=device))
         shapes = {r.info.input_shape for r in runners}
         if len(shapes) > 1:
             raise BadInput(f"artifacts take different input shapes {sorted(map(str, shapes))}; bench them separately")
-        return bench_runners(runners, cfg)
+        return bench_runners(runners, cfg, names=names)
     finally:
         for r in runners:
             r.close()

@@ -126,6 +126,9 @@ class Bundle:
         except RuntimeError as e:
             first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
             raise BadInput(f"{self.path / WEIGHTS} does not fit architecture {self.spec.arch!r}: {first}") from None
+        norm = model.normalize
+        if not (torch.allclose(norm.mean.flatten(), torch.tensor(self.spec.mean)) and torch.allclose(norm.std.flatten(), torch.tensor(self.spec.std))):
+            raise BadInput(f"{self.path / MANIFEST}: normalization disagrees with {WEIGHTS}; the bundle was edited")
         return model.eval()
 
 
@@ -137,6 +140,37 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise BadInput(f"{path} is not a state dict of named tensors; refusing to load it")
     return dict(sd)
+
+
+def _validate_manifest(p: Path, m: dict[str, Any]) -> None:
+    """Types and internal consistency; a manifest edited into nonsense is refused, not half-used."""
+
+    def bad(what: str) -> BadInput:
+        return BadInput(f"{p / MANIFEST} is malformed: {what}; the bundle is corrupted or was edited")
+
+    fv = m.get("format_version", 1)
+    if not isinstance(fv, int):
+        raise bad("format_version is not an integer")
+    if fv > FORMAT_VERSION:
+        raise BadInput(f"{p} was written by a newer edgeguard (bundle format {fv})")
+    if not isinstance(m["arch"], str) or not isinstance(m["num_classes"], int) or m["num_classes"] < 2:
+        raise bad("arch must be a name and num_classes an integer >= 2")
+    if not isinstance(m["classes"], list) or len(m["classes"]) != m["num_classes"] or not all(isinstance(c, str) for c in m["classes"]):
+        raise bad(f"classes must list {m['num_classes']} names")
+    shape = m["input_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise bad("input_shape must be [C, H, W]")
+    norm = m["normalization"]
+    if not (isinstance(norm, dict) and all(isinstance(norm.get(k), list) and len(norm[k]) == shape[0] for k in ("mean", "std"))):
+        raise bad("normalization needs one mean and one std per input channel")
+    if not isinstance(m["stages"], list) or not all(isinstance(s, dict) and isinstance(s.get("stage"), str) for s in m["stages"]):
+        raise bad("stages must be a list of records with a 'stage' name")
+    files = m["files"]
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise bad(f"files must list {WEIGHTS}")
+    for name in files:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise bad(f"file name {name!r} points outside the bundle")
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
@@ -155,10 +189,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise BadInput(f"{p / MANIFEST} lacks {', '.join(missing)}; the bundle is corrupted")
-    if int(manifest.get("format_version", 1)) > FORMAT_VERSION:
-        raise BadInput(f"{p} was written by a newer edgeguard (bundle format {manifest['format_version']})")
-    if WEIGHTS not in manifest["files"]:
-        raise BadInput(f"{p / MANIFEST} lists no {WEIGHTS}")
+    _validate_manifest(p, manifest)
     if verify:
         for name, rec in manifest["files"].items():
             f = p / name
@@ -181,17 +212,19 @@ def save_bundle(
     dataset: str | None = None,
     parent: Bundle | None = None,
     extra: Mapping[str, Any] | None = None,
+    keep_vault: bool = True,
 ) -> Bundle:
     """Write ``model``'s state dict and a manifest to ``out`` atomically.
 
-    ``parent``: the bundle this one derives from; its vault is carried over and its hash recorded.
+    ``parent``: the bundle this one derives from; its hash is recorded and (``keep_vault``) its vault
+    carried over.  An attacker's copy (removal attacks) is written with ``keep_vault=False``.
     """
     out = Path(out)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     check_target(out)
     with atomic_dir(out, may_replace=may_replace) as tmp:
         atomic_write(tmp / WEIGHTS, lambda t: torch.save(sd, t))
-        if parent is not None and (parent.path / VAULT).is_dir():
+        if keep_vault and parent is not None and (parent.path / VAULT).is_dir():
             shutil.copytree(parent.path / VAULT, tmp / VAULT)
         manifest: dict[str, Any] = {
             "format": FORMAT,

@@ -129,9 +129,9 @@ def train_cmd(dataset, data_root, data_options, arch, model_options, config_path
     base = PipelineConfig.load(config_path) if config_path else PipelineConfig()
     data = _data_config(dataset, data_root, data_options, base.data)
     model = ModelConfig(arch=arch or base.model.arch, options={**base.model.options, **dict(model_options)})
-    train = base.train.replace(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-                               augment=augment, early_stop_patience=early_stop_patience, max_steps=max_steps,
-                               seed=seed if seed is not None else (base.seed if config_path else None), device=device)
+    train = base.train_config().replace(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+                                        augment=augment, early_stop_patience=early_stop_patience, max_steps=max_steps,
+                                        seed=seed, device=device)
     res = train_bundle(data, model, train, out)
     last = res.fit.history[-1]
     emit(res, json_path, f"bundle {res.bundle} (sha256 {res.sha256[:12]}): {res.arch} on {res.dataset}, "
@@ -145,7 +145,7 @@ def train_cmd(dataset, data_root, data_options, arch, model_options, config_path
 @DATA_ROOT
 @DATA_OPTION
 @SPLIT
-@click.option("--min-accuracy", type=float, default=None, help="Exit 1 if accuracy is below this.")
+@click.option("--min-accuracy", type=click.FloatRange(0.0, 1.0), default=None, help="Exit 1 if accuracy is below this (0-1).")
 @DEVICE
 @SEED
 @JSON_OUT
@@ -192,8 +192,9 @@ def export_cmd(bundle, out, opset, max_batch, seed, json_path):
 
 @cli.command("info")
 @ARTIFACT
+@SEED
 @JSON_OUT
-def info_cmd(artifact, json_path):
+def info_cmd(artifact, seed, json_path):
     """Describe an artifact: backend, precision, defense, input shape, classes, hashes, stages."""
     from edgeguard.api import describe_artifact
 
@@ -210,7 +211,7 @@ def info_cmd(artifact, json_path):
     ]
     if "manifest" in res.details:
         m = res.details["manifest"]
-        lines.append(f"arch        {m['arch']} (edgeguard {m['edgeguard_version']})")
+        lines.append(f"arch        {m['arch']} (edgeguard {m.get('edgeguard_version', '?')})")
         lines.append(f"stages      {' -> '.join(s['stage'] for s in m['stages'])}")
         lines.append(f"vault       {', '.join(res.details['vault_entries']) or '(empty)'}")
     if "onnx" in res.details:
@@ -244,12 +245,13 @@ def bench_cmd(artifacts, batch_sizes, warmup, iterations, device, seed, json_pat
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder to write.")
 @SEED
+@DEVICE
 @JSON_OUT
-def pipeline_cmd(config_path, out, seed, json_path):
+def pipeline_cmd(config_path, out, seed, device, json_path):
     """Run every stage of a config (train -> export -> evaluate -> bench) and write report.md/json."""
     from edgeguard.pipeline import PipelineConfig, run_pipeline
 
-    res = run_pipeline(PipelineConfig.load(config_path, seed=seed), out)
+    res = run_pipeline(PipelineConfig.load(config_path, seed=seed, device=device), out)
     lines = [f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in res.report["checks"]]
     lines.append(f"report: {Path(out) / 'report.md'}")
     emit(res, json_path, "\n".join(lines))
@@ -271,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return e.exit_code
+    except OSError as e:  # unreadable input, unwritable --out / --json, full disk
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        click.echo(f"edgeguard: error: cannot access{where}: {e.strerror or e}", err=True)
+        return 2
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     return 0

@@ -99,6 +99,8 @@ class DataConfig(Config):
 
     def __post_init__(self) -> None:
         require(isinstance(self.options, dict), "data.options must be a mapping")
+        reserved = sorted({"root", "split"} & set(self.options))
+        require(not reserved, f"dataset option {reserved[0] if reserved else ''!r} is not an option: use --data-root / --split")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise BadInput(f"config file {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise BadInput(f"config file {p} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise BadInput(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

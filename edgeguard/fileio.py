@@ -66,9 +66,9 @@ def atomic_dir(path: str | Path, *, may_replace: Callable[[Path], bool]) -> Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
+    old = None
     try:
         yield tmp
-        old = None
         if path.exists():
             if not may_replace(path):
                 from edgeguard.errors import BadInput
@@ -81,5 +81,7 @@ def atomic_dir(path: str | Path, *, may_replace: Callable[[Path], bool]) -> Iter
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)  # interrupted between the two renames: put the previous folder back
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ protections add their own stage functions to ``STAGES``.  Outputs in DIR:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeguard import __version__
-from edgeguard.api import export_bundle, load_data, train_bundle
+from edgeguard.api import bench_artifacts, export_bundle, load_data, train_bundle
 from edgeguard.config import Config, DataConfig, ModelConfig, load_yaml, require
-from edgeguard.evaluate import BenchConfig, accuracy_from, bench_runners, parity_from, predict_dataset
+from edgeguard.errors import BadInput
+from edgeguard.evaluate import BenchConfig, accuracy_from, parity_from, predict_dataset
 from edgeguard.evaluate.report import write_report
 from edgeguard.export import ExportConfig
 from edgeguard.progress import log
@@ -54,10 +56,22 @@ class PipelineConfig(Config):
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     bench: PipelineBenchConfig = field(default_factory=PipelineBenchConfig)
 
+    device: str = "cpu"
+
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> PipelineConfig:
-        cfg = cls.from_mapping(load_yaml(path), what=f"config {path}")
+        raw = load_yaml(path)
+        for section in ("train", "bench"):
+            if isinstance(raw.get(section), dict) and "seed" in raw[section]:
+                raise BadInput(f"config {path}: set the run's seed once, at the top level (remove {section}.seed)")
+            if isinstance(raw.get(section), dict) and "device" in raw[section]:
+                raise BadInput(f"config {path}: set the device once, at the top level (remove {section}.device)")
+        cfg = cls.from_mapping(raw, what=f"config {path}")
         return cfg.replace(**overrides)  # type: ignore[return-value]
+
+    def train_config(self) -> TrainConfig:
+        """The train section with the run's one seed and device."""
+        return dataclasses.replace(self.train, seed=self.seed, device=self.device)
 
 
 @dataclass
@@ -74,7 +88,7 @@ class Context:
 
 def stage_train(ctx: Context) -> None:
     cfg = ctx.cfg
-    res = train_bundle(cfg.data, cfg.model, cfg.train.replace(seed=cfg.seed), ctx.out / "bundle")
+    res = train_bundle(cfg.data, cfg.model, cfg.train_config(), ctx.out / "bundle")
     ctx.artifacts["bundle"] = res.bundle
     ctx.results["train"] = res.to_json()
 
@@ -119,14 +133,8 @@ def stage_bench(ctx: Context) -> None:
     if not b.enabled:
         return
     names = list(ctx.artifacts)
-    runners = [open_runner(ctx.artifacts[n]) for n in names]
-    try:
-        res = bench_runners(
-            runners, BenchConfig(batch_sizes=b.batch_sizes, warmup=b.warmup, iterations=b.iterations, seed=ctx.cfg.seed), names=names
-        )
-    finally:
-        for r in runners:
-            r.close()
+    cfg = BenchConfig(batch_sizes=b.batch_sizes, warmup=b.warmup, iterations=b.iterations, seed=ctx.cfg.seed)
+    res = bench_artifacts([ctx.artifacts[n] for n in names], cfg, names=names)
     ctx.results["bench"] = res.to_json()
 
 
@@ -151,9 +159,25 @@ class PipelineResult:
         return self.report
 
 
+RUN_MARKER = ".edgeguard-run"
+
+
+def prepare_run_dir(out: Path) -> None:
+    """A run folder is new, empty, or an earlier run's; stale reports are removed before any work,
+    so a failed or interrupted run never leaves an earlier run's PASS beside new artifacts."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
+        raise BadInput(f"refusing to write into {out}: it holds files that are not an edgeguard run (choose another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).write_text("edgeguard pipeline run folder\n")
+    for stale in ("report.md", "report.json"):
+        (out / stale).unlink(missing_ok=True)
+
+
 def run_pipeline(cfg: PipelineConfig, out: str | Path) -> PipelineResult:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out)
     ctx = Context(cfg=cfg, out=out)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()

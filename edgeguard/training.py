@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeguard.config import Config, require
-from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.data.base import batch_indices
+from edgeguard.errors import BackendUnavailable, BadInput, CheckFailed
 from edgeguard.progress import task
 
 
@@ -59,7 +61,7 @@ class TrainConfig(Config):
         require(self.lr > 0, "lr must be positive")
         require(0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1)")
         require(self.early_stop_patience >= 0 and self.max_steps >= 0, "early_stop_patience and max_steps must be >= 0")
-        require(self.device == "cpu" or self.device.startswith("cuda"), "device must be cpu or cuda[:N]")
+        require(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "device must be cpu, cuda or cuda:N")
 
 
 class Batches(Protocol):
@@ -82,9 +84,7 @@ class TensorData:
         return len(self.x)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None):
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        for s in range(0, len(self), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in batch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
             yield self.x[idx], self.y[idx]
 
 
@@ -131,6 +131,8 @@ class FitResult:
 
 def resolve_device(device: str | None) -> torch.device:
     device = device or "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise BadInput(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailable(f"device {device!r} was requested but no CUDA GPU is available; use --device cpu")
     return torch.device(device)
@@ -279,7 +281,10 @@ def fit(
                     state.step += 1
                     state.last_loss = float(value.detach())
                     if not math.isfinite(state.last_loss):
-                        state.stop = True
+                        raise CheckFailed(
+                            f"training diverged at step {state.step} (loss {state.last_loss}); lower the learning rate. "
+                            "Nothing was written"
+                        )
                     loss_sum += state.last_loss * len(y)
                     n_seen += len(y)
                     if logits is not None:

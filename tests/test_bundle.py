@@ -69,19 +69,79 @@ def test_state_dict_of_another_architecture_is_refused(tmp_path):
         b.load_model()
 
 
-def test_failed_write_leaves_previous_bundle_intact(tmp_path):
+def test_failed_write_leaves_previous_bundle_intact(tmp_path, monkeypatch):
+    """A crash inside the write (here: writing the manifest) keeps the earlier bundle and no temp folder."""
+    import edgeguard.bundle as bundle_mod
+
     out = tmp_path / "b"
-    first = save_bundle(out, _model(0), SPEC, stages=[])
-    before = first.sha256
+    before = save_bundle(out, _model(0), SPEC, stages=[]).sha256
+    calls = []
 
-    class Boom(torch.nn.Module):
-        def state_dict(self, *a, **k):
-            raise RuntimeError("disk full")
+    def boom(path, obj):
+        calls.append(path)
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(RuntimeError):
-        save_bundle(out, Boom(), SPEC, stages=[])
+    monkeypatch.setattr(bundle_mod, "atomic_write_json", boom)
+    with pytest.raises(OSError):
+        save_bundle(out, _model(1), SPEC, stages=[])
+    assert calls, "the failure must happen inside the atomic write"
+    monkeypatch.undo()
     assert load_bundle(out).sha256 == before
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temp folders left behind
+
+
+def test_interrupted_swap_restores_the_previous_bundle(tmp_path, monkeypatch):
+    """Ctrl-C between 'move old aside' and 'move new in' puts the old bundle back."""
+    import edgeguard.fileio as fileio
+
+    out = tmp_path / "b"
+    before = save_bundle(out, _model(0), SPEC, stages=[]).sha256
+    real_replace = fileio.os.replace
+    dir_moves = []
+
+    def flaky(src, dst):
+        if fileio.Path(src).is_dir():
+            dir_moves.append((src, dst))
+            if len(dir_moves) == 2:  # the second folder rename: new bundle into place
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        save_bundle(out, _model(1), SPEC, stages=[])
+    monkeypatch.undo()
+    assert load_bundle(out).sha256 == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(classes=m["classes"][:3]), "classes must list 10 names"),
+        (lambda m: m.update(num_classes="ten"), "num_classes"),
+        (lambda m: m.update(input_shape=[1, 32]), "input_shape"),
+        (lambda m: m.update(format_version="x"), "format_version"),
+        (lambda m: m["files"].update({"../../etc/hostname": {"sha256": "0"}}), "outside the bundle"),
+        (lambda m: m["stages"].append({"config": {}}), "stages"),
+    ],
+    ids=["classes", "num_classes", "input_shape", "format_version", "path", "stage"],
+)
+def test_manifest_edited_into_nonsense_is_refused(tmp_path, edit, match):
+    b = save_bundle(tmp_path / "b", _model(), SPEC, stages=[stage_record("train")])
+    man = json.loads((b.path / MANIFEST).read_text())
+    edit(man)
+    (b.path / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(BadInput, match=match):
+        load_bundle(b.path)
+
+
+def test_manifest_normalization_must_match_the_weights(tmp_path):
+    b = save_bundle(tmp_path / "b", _model(), SPEC, stages=[])
+    man = json.loads((b.path / MANIFEST).read_text())
+    man["normalization"]["mean"] = [0.9]
+    (b.path / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(BadInput, match="normalization disagrees"):
+        load_bundle(b.path).load_model()
 
 
 def test_refuses_to_overwrite_a_folder_that_is_not_a_bundle(tmp_path):

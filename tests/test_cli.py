@@ -499,3 +499,51 @@ def test_console_script(tmp_path):
     user_error(p.returncode, p.stderr)
     p = subprocess.run([str(exe), "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "edgeguard" in p.stdout
+
+
+def test_same_seed_same_bundle_weights(tmp_path):
+    """Two `train` runs with the same --seed write identical weights (init, shuffling, augmentation)."""
+    import torch
+
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["train", "--dataset", "synthetic", "--data-option", "n=96", "--data-option", "size=16",
+                     "--model-option", "width=8", "--epochs", "1", "--augment", "shift", "--seed", "5",
+                     "--out", str(out)]) == 0
+        outs.append(torch.load(out / "model.pt", weights_only=True))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["evaluate", "{onnx}", "--dataset", "digits", "--data-option", "size=abc"], "size must be an integer"),
+        (["evaluate", "{onnx}", "--dataset", "synthetic", "--data-option", "split=train"], "--split"),
+        (["evaluate", "{bundle}", "--device", "gpu"], "unknown device"),
+        (["evaluate", "{onnx}", "--device", "foo"], "unknown device"),
+        (["train", "--dataset", "digits", "--model-option", "width=-1", "--out", "{tmp}/x"], "bad option"),
+        (["info", "{onnx}", "--json", "/dev/null/x.json"], "cannot access"),
+    ],
+    ids=["data-option-type", "reserved-option", "device-bundle", "device-onnx", "model-option", "json-path"],
+)
+def test_more_bad_inputs_are_one_sentence(capsys, tiny_bundle, tiny_onnx, tmp_path, args, match):
+    args = [a.format(onnx=tiny_onnx, bundle=tiny_bundle, tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_pipeline_seed_is_set_once_and_out_is_protected(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train: {epochs: 1, seed: 7}\n")
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "remove train.seed" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("do not delete")
+    cfg.write_text("train: {epochs: 1}\n")
+    assert main(["pipeline", "--config", str(cfg), "--out", str(busy)]) == 2
+    assert "not an edgeguard run" in capsys.readouterr().err
+    assert (busy / "thesis.tex").read_text() == "do not delete"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -86,11 +87,17 @@ class ImageDataset(Dataset):
         self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate (x, y) batches; with ``shuffle`` the order comes from ``generator``."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for s in range(0, n, batch_size):
-            idx = order[s : s + batch_size]
+        for idx in batch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
             yield to_float(self.images[idx]), self.labels[idx]
+
+
+def batch_indices(
+    n: int, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+) -> Iterator[torch.Tensor]:
+    """Index tensors of consecutive batches over ``n`` items, in a seeded random order if ``shuffle``."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for s in range(0, n, batch_size):
+        yield order[s : s + batch_size]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -113,6 +120,15 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
     return tuple(round(float(v), 6) for v in mean), tuple(round(max(float(v), 1e-3), 6) for v in std)
+
+
+def int_option(name: str, option: str, value, minimum: int) -> int:
+    """An integer option (an int, or its digits as a string from the command line) of at least ``minimum``."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise BadInput(f"{name} {option} must be an integer of at least {minimum} (got {value!r})")
+    return int(value)
 
 
 def make_dataset(
@@ -139,9 +155,11 @@ def load_dataset(name: str, split: str = "train", root: str | None = None, **opt
     entry = DATASETS.entry(name)
     if entry.meta.get("needs_root") and root is None:
         raise BadInput(f"dataset {name!r} reads files you already have: give their location with --data-root")
+    reserved = sorted({"root", "split"} & set(options))
+    if reserved:
+        raise BadInput(f"dataset option {reserved[0]!r} is not an option: use --data-root / --split")
     try:
         return entry.fn(split, root=root, **options)
-    except TypeError as e:
-        if "unexpected keyword" in str(e):
-            raise BadInput(f"dataset {name!r}: {str(e).split(')', 1)[-1].strip()}") from None
-        raise
+    except (TypeError, ValueError) as e:  # a bad option value or name; loaders raise BadInput for bad files
+        msg = str(e).split(")", 1)[-1].strip() if "unexpected keyword" in str(e) else str(e)
+        raise BadInput(f"dataset {name!r}: bad option ({msg})") from None

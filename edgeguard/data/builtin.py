@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from edgeguard.data.base import DATASETS, ImageDataset, make_dataset
+from edgeguard.data.base import DATASETS, ImageDataset, int_option, make_dataset
 from edgeguard.errors import BadInput
 
 DIGITS_SPLIT_SEED = 0
@@ -23,8 +23,7 @@ def digits(split: str, *, root: str | None = None, size: int = 32) -> ImageDatas
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if size < 8:
-        raise BadInput("digits size must be at least 8")
+    size = int_option("digits", "size", size, 8)
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8) in [0,1]
     y = torch.tensor(d.target, dtype=torch.long)
@@ -60,10 +59,17 @@ def synthetic(
 
     Seeded and sized at will (``n`` images, default 2,000 train / 500 test); fast tests and query pools use it.
     """
-    if n is None:
-        n = 2000 if split == "train" else 500
-    if n < 1 or size < 4 or num_classes < 2 or channels not in (1, 3):
-        raise BadInput("synthetic needs n >= 1, size >= 4, num_classes >= 2 and channels 1 or 3")
+    n = int_option("synthetic", "n", (2000 if split == "train" else 500) if n is None else n, 1)
+    size = int_option("synthetic", "size", size, 4)
+    num_classes = int_option("synthetic", "num_classes", num_classes, 2)
+    seed = int_option("synthetic", "seed", seed, 0)
+    if int_option("synthetic", "channels", channels, 1) not in (1, 3):
+        raise BadInput("synthetic channels must be 1 or 3")
+    channels = int(channels)
+    try:
+        noise = float(noise)
+    except (TypeError, ValueError):
+        raise BadInput(f"synthetic noise must be a number (got {noise!r})") from None
     proto = torch.Generator().manual_seed(_PROTOTYPE_SEED + num_classes)
     angles = torch.arange(num_classes) * math.pi / num_classes + torch.rand(num_classes, generator=proto) * 0.2
     freqs = 1.5 + torch.rand(num_classes, generator=proto) * 3.0

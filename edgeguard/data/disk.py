@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeguard.data.base import DATASETS, SPLITS, ImageDataset, make_dataset
+from edgeguard.data.base import DATASETS, SPLITS, ImageDataset, int_option, make_dataset
 from edgeguard.errors import BackendUnavailable, BadInput
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -51,15 +51,6 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _int_option(name: str, option: str, value, minimum: int) -> int:
-    """An integer option (an int, or its digits as a string from the command line) of at least ``minimum``."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise BadInput(f"{name} {option} must be an integer of at least {minimum} (got {value!r})")
-    return int(value)
 
 
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -314,7 +305,7 @@ def _find_idx(d: Path, base: str) -> Path | None:
 
 def _mnist(name: str, split: str, root: str | None, size: int, torchvision_dir: str, classes) -> ImageDataset:
     path = _root(name, root)
-    size = _int_option(name, "size", size, 4)
+    size = int_option(name, "size", size, 4)
     prefix = "train" if split == "train" else "t10k"
     img_base, lbl_base = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
     dirs = [path, path / "raw", path / torchvision_dir / "raw"]
@@ -482,8 +473,8 @@ def imagefolder(
       with zeros where the image is smaller.
     """
     path = _root("imagefolder", root)
-    size = _int_option("imagefolder", "size", size, 4)
-    channels = _int_option("imagefolder", "channels", channels, 1)
+    size = int_option("imagefolder", "size", size, 4)
+    channels = int_option("imagefolder", "channels", channels, 1)
     if channels not in (1, 3):
         raise BadInput(f"imagefolder channels must be 1 or 3 (got {channels!r})")
     if resize not in RESIZE_MODES:
@@ -644,7 +635,7 @@ def npz(split: str, *, root: str | None = None, num_classes: int | None = None) 
     ``num_classes`` or one more than the largest label found in any split.
     """
     path = _root("npz", root)
-    num_classes = None if num_classes is None else _int_option("npz", "num_classes", num_classes, 1)
+    num_classes = None if num_classes is None else int_option("npz", "num_classes", num_classes, 1)
     file = path / f"{split}.npz" if path.is_dir() else path
     if path.is_dir() and not file.is_file():
         raise BadInput(f"npz: missing {file} (expected train.npz and test.npz with 'x' and 'y' in {path})")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +22,7 @@ from edgeguard import __version__
 from edgeguard.bundle import Bundle, load_bundle
 from edgeguard.config import Config, require
 from edgeguard.errors import BadInput, CheckFailed
+from edgeguard.evaluate.metrics import ParityResult, parity_from
 from edgeguard.export.metadata import encode
 from edgeguard.fileio import atomic_write, sha256_file
 
@@ -112,8 +112,8 @@ def to_onnx_proto(module: nn.Module, input_shape: tuple[int, ...], cfg: ExportCo
     return program.model_proto
 
 
-def self_check(proto, module: nn.Module, input_shape: tuple[int, ...], n: int, seed: int = 0) -> tuple[float, float]:
-    """Max |Δprob| and top-1 agreement between ONNX Runtime and PyTorch on ``n`` seeded inputs."""
+def self_check(proto, module: nn.Module, input_shape: tuple[int, ...], n: int, seed: int = 0) -> ParityResult:
+    """ONNX Runtime vs PyTorch on ``n`` seeded inputs, before the graph is written anywhere."""
     import onnxruntime as ort
 
     x = torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(seed))
@@ -121,7 +121,7 @@ def self_check(proto, module: nn.Module, input_shape: tuple[int, ...], n: int, s
         ref = module.eval()(x).numpy()
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    return float(np.max(np.abs(got - ref))), float(np.mean(got.argmax(1) == ref.argmax(1)))
+    return parity_from(ref, got, atol=PARITY_ATOL, a="pytorch", b="onnxruntime")
 
 
 def export_onnx(
@@ -169,8 +169,9 @@ def export_onnx(
 
     diff = agree = None
     if cfg.check_samples:
-        diff, agree = self_check(proto, module, spec.input_shape, cfg.check_samples)
-        if diff > PARITY_ATOL or agree < 1.0:
+        parity = self_check(proto, module, spec.input_shape, cfg.check_samples)
+        diff, agree = parity.max_abs_diff, parity.top1_agreement
+        if not parity.passed:  # NaN compares false, so a broken model fails here too
             raise CheckFailed(
                 f"ONNX Runtime disagrees with PyTorch on the exported graph (max |Δprob| {diff:.2e}, "
                 f"top-1 agreement {agree:.4f}); nothing was written"

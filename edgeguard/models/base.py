@@ -102,8 +102,8 @@ def create_model(
     options = {k: v for k, v in options.items() if v is not None}
     try:
         net = entry.fn(num_classes=num_classes, in_channels=in_channels, **options)
-    except TypeError as e:
-        raise BadInput(f"model {name!r}: bad option ({e})") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise BadInput(f"model {name!r}: bad option ({str(e).splitlines()[0]})") from None
     return EdgeModel(net, mean, std)
 
 

@@ -39,6 +39,10 @@ def artifact_kind(path: str | Path) -> str:
 def open_runner(path: str | Path, *, device: str | None = None, providers=None, batch_size: int | None = None) -> Runner:
     """Open an artifact for prediction; the returned runner is already activated."""
     kind = artifact_kind(path)
+    if device is not None:
+        from edgeguard.training import resolve_device
+
+        resolve_device(device)  # an unknown or unavailable device is refused for every kind of artifact
     module, cls = _BACKENDS[kind]
     runner_cls = getattr(importlib.import_module(module), cls)
     kw = {} if batch_size is None else {"batch_size": batch_size}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeguard.errors import BadInput
+from edgeguard.errors import BadInput, CheckFailed
 
 DEFAULT_BATCH = 256
 
@@ -87,6 +87,8 @@ class Runner:
         out = np.asarray(out, dtype=np.float32)
         if out.shape != (len(arr), info.num_classes):
             raise BadInput(f"{self.path} returned shape {out.shape}, expected {(len(arr), info.num_classes)}")
+        if not np.all(np.isfinite(out)):
+            raise CheckFailed(f"{self.path} returned non-finite probabilities (NaN or inf); the model is broken")
         return out
 
     # --- backends override these -----------------------------------------------------------------

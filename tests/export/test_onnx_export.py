@@ -78,3 +78,18 @@ def test_export_refuses_wrong_suffix_and_writes_nothing(tiny_bundle, tmp_path):
     with pytest.raises(BadInput, match=r"must end in \.onnx"):
         export_onnx(tiny_bundle, tmp_path / "m.bin")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_broken_model_fails_the_self_check_and_writes_nothing(tmp_path):
+    from edgeguard.errors import CheckFailed
+
+    spec = ModelSpec("smallcnn", 10, tuple(map(str, range(10))), (1, 32, 32), (0.5,), (0.25,), {"width": 8})
+    model = spec.build().eval()
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    b = save_bundle(tmp_path / "b", model, spec, stages=[])
+    with pytest.raises(CheckFailed, match="disagrees"):
+        export_onnx(b, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(CheckFailed, match="non-finite"):
+        open_runner(b.path).predict(np.zeros((1, 1, 32, 32), np.float32))
