@@ -156,3 +156,44 @@ def bench_artifacts(
     finally:
         for r in runners:
             r.close()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    watermark: Any  # WatermarkVerification
+    clean: AccuracyResult | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.watermark.passed
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"artifact": self.watermark.artifact, "watermark": self.watermark.to_json(), "passed": self.passed}
+        if self.clean is not None:
+            out["clean"] = self.clean.to_json()
+        return out
+
+
+def verify_artifact(
+    artifact: str | Path,
+    vault: str | Path | None = None,
+    *,
+    alpha: float | None = None,
+    data: DataConfig | None = None,
+    split: str = "test",
+    device: str | None = None,
+) -> VerifyResult:
+    """Watermark verdict of an artifact against an owner vault (a bundle defaults to its own)."""
+    from edgeguard.bundle import VAULT, Vault
+    from edgeguard.protect.watermark import verify_watermark
+
+    if vault is None:
+        if artifact_kind(artifact) != "bundle":
+            raise BadInput(f"verifying {artifact} needs the owner's vault: pass --vault BUNDLE/vault")
+        vault = Path(artifact) / VAULT
+    if not Path(vault).is_dir():
+        raise BadInput(f"vault {vault} does not exist")
+    with open_runner(artifact, device=device) as runner:
+        wm = verify_watermark(runner, Vault(vault), alpha=alpha)
+        clean = evaluate_accuracy(runner, load_data(data, split)) if data is not None else None
+    return VerifyResult(wm, clean)

@@ -163,13 +163,10 @@ def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy
 def _default_data(artifact: Path):
     """A bundle remembers the dataset it was trained on; use it when --dataset is not given."""
     from edgeguard.bundle import is_bundle, load_bundle
-    from edgeguard.config import DataConfig, config_from_dict
+    from edgeguard.config import DataConfig
+    from edgeguard.protect.watermark import bundle_data_config
 
-    if is_bundle(artifact):
-        for st in load_bundle(artifact, verify=False).stages:
-            if st.get("stage") == "train" and "data" in st:
-                return config_from_dict(st["data"])
-    return DataConfig()
+    return bundle_data_config(load_bundle(artifact, verify=False)) if is_bundle(artifact) else DataConfig()
 
 
 @cli.command("export")
@@ -255,6 +252,105 @@ def pipeline_cmd(config_path, out, seed, device, json_path):
     lines = [f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in res.report["checks"]]
     lines.append(f"report: {Path(out) / 'report.md'}")
     emit(res, json_path, "\n".join(lines))
+
+
+# --- protect / verify / attack -------------------------------------------------------------------------
+
+
+@cli.group("protect")
+def protect_group() -> None:
+    """Embed a protection into a bundle (the owner's secrets go to BUNDLE/vault/)."""
+
+
+@protect_group.command("watermark")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Watermarked bundle to write.")
+@click.option("--trigger-dir", type=click.Path(path_type=Path), default=None, help="Trigger images (WatermarkNN layout).")
+@click.option("--labels", type=click.Path(path_type=Path), default=None, help="Labels file paired with --trigger-dir.")
+@click.option("--n-triggers", type=int, default=None, help="Generate this many abstract triggers (default 100).")
+@click.option("--renderer", type=click.Choice(["center_crop", "resize"]), default=None,
+              help="How trigger files become model-sized images (default center_crop, as the reference code).")
+@click.option("--mode", type=click.Choice(["pretrained", "fromscratch"]), default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--trigger-batch", type=int, default=None, help="Triggers appended to every clean batch (default 16).")
+@click.option("--alpha", type=float, default=None, help="Significance of the verdict (default 1e-3).")
+@click.option("--key-seed", type=int, default=None, help="Seed of a generated key (default: a random secret).")
+@SEED
+@JSON_OUT
+def protect_watermark_cmd(bundle, out, trigger_dir, labels, n_triggers, renderer, mode, epochs, lr, trigger_batch,
+                          alpha, key_seed, seed, json_path):
+    """Embed a backdoor watermark (Adi et al. 2018) with a secret trigger set."""
+    from edgeguard.protect import WatermarkConfig, embed_watermark
+
+    cfg = WatermarkConfig().replace(
+        trigger_dir=str(trigger_dir) if trigger_dir else None, labels=str(labels) if labels else None,
+        n_triggers=n_triggers, renderer=renderer, mode=mode, epochs=epochs, lr=lr, trigger_batch=trigger_batch,
+        alpha=alpha, seed=seed,
+    )
+    res = embed_watermark(bundle, out, cfg, key_seed=key_seed)
+    emit(res, json_path, f"watermarked bundle {res.bundle}: {res.n} triggers (key sha256 {res.key_sha256[:16]}), "
+                         f"{res.epochs} epochs, trigger accuracy {res.trigger_accuracy:.3f} during training; "
+                         f"the key is in {Path(res.bundle) / 'vault'}")
+
+
+@cli.command("verify")
+@ARTIFACT
+@click.option("--vault", type=click.Path(path_type=Path), default=None,
+              help="Owner vault (default for a bundle: its own BUNDLE/vault).")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="Significance level (default: the vault's, 1e-3).")
+@DATASET
+@DATA_ROOT
+@SPLIT
+@DEVICE
+@SEED
+@JSON_OUT
+def verify_cmd(artifact, vault, alpha, dataset, data_root, split, device, seed, json_path):
+    """Verify the watermark on an artifact (exit 0 present, 1 absent); clean accuracy with --dataset."""
+    from edgeguard.api import verify_artifact
+
+    data = _data_config(dataset, data_root, ()) if dataset else None
+    res = verify_artifact(artifact, vault, alpha=alpha, data=data, split=split, device=device)
+    w = res.watermark
+    lines = [f"watermark {w.verdict.upper()}: {w.matches}/{w.n} triggers match (p-value {w.p_value:.3g}, "
+             f"threshold {w.m_star} at alpha {w.alpha:g}, chance 1/{w.k}) on {artifact} "
+             f"[{w.artifact['backend']} {w.artifact['precision']}]"]
+    if res.clean is not None:
+        lines.append(f"clean accuracy {res.clean.accuracy:.4f} ({res.clean.correct}/{res.clean.n}) on {res.clean.dataset}/{res.clean.split}")
+    emit(res, json_path, "\n".join(lines))
+
+
+@cli.group("attack")
+def attack_group() -> None:
+    """Attacks against protected models (removal now; extraction attacks later)."""
+
+
+@attack_group.command("finetune")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(["ftll", "ftal", "rtll", "rtal"]), required=True,
+              help="Fine-tune / retrain the last layer / all layers (rt*: the last layer is re-initialised).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Attacked bundle to write (no vault).")
+@click.option("--epochs", type=int, default=None, help="Default 20, as the reference.")
+@click.option("--lr", type=float, default=None, help="Default 0.01.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--data-fraction", type=float, default=None, help="Share of the attacker's data used (default 1.0).")
+@click.option("--attack-dataset", type=click.Choice(_registry_names("dataset")), default=None,
+              help="Attacker's dataset (default: the bundle's own training data).")
+@DATA_ROOT
+@click.option("--freeze-bn", is_flag=True, default=None, help="Keep BatchNorm statistics fixed (strict *LL).")
+@SEED
+@JSON_OUT
+def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction, attack_dataset, data_root,
+                        freeze_bn, seed, json_path):
+    """Removal attack by fine-tuning: FTLL, FTAL, RTLL, RTAL."""
+    from edgeguard.attacks import FinetuneConfig, finetune_attack
+
+    cfg = FinetuneConfig(mode=mode).replace(epochs=epochs, lr=lr, batch_size=batch_size, data_fraction=data_fraction,
+                                            dataset=attack_dataset, data_root=data_root, freeze_bn=freeze_bn, seed=seed)
+    res = finetune_attack(bundle, out, cfg)
+    emit(res, json_path, f"attacked bundle {res.bundle}: {res.mode} on {res.samples} images, {res.epochs} epochs "
+                         f"({res.steps} steps), final loss {res.final_loss:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:

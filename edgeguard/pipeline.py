@@ -1,5 +1,8 @@
 """``edgeguard pipeline --config configs/demo.yaml --out DIR``: every stage in-process, then a report.
 
+Stages: train -> watermark (optional) -> export -> evaluate (accuracy + parity) -> verify (watermark on
+the ONNX artifacts: unmarked, marked, after each removal attack) -> bench.
+
 The stages call the same library functions as the stage commands (``edgeguard.api``); later
 protections add their own stage functions to ``STAGES``.  Outputs in DIR:
 ``bundle/`` (the owner's PyTorch bundle), ``model.onnx`` (what ships), ``report.md``, ``report.json``.
@@ -46,6 +49,46 @@ class PipelineBenchConfig(Config):
 
 
 @dataclass(frozen=True)
+class PipelineWatermarkConfig(Config):
+    """The watermark stage: embed into the trained bundle, verify on every artifact."""
+
+    enabled: bool = False
+    mode: str = "pretrained"
+    n_triggers: int = 100
+    trigger_batch: int = 16
+    epochs: int = 20
+    lr: float = 0.01
+    alpha: float = 1e-3
+    trigger_dir: str | None = None
+    labels: str | None = None
+    key_seed: int | None = None  # None: a random secret key (recorded only in the vault)
+
+    def to_watermark_config(self, seed: int):
+        from edgeguard.protect import WatermarkConfig
+
+        return WatermarkConfig(
+            mode=self.mode, n_triggers=self.n_triggers, trigger_batch=self.trigger_batch, epochs=self.epochs,
+            lr=self.lr, alpha=self.alpha, trigger_dir=self.trigger_dir, labels=self.labels, seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class PipelineAttacksConfig(Config):
+    """Removal attacks run on the watermarked bundle; each result is exported and checked as ONNX."""
+
+    modes: tuple[str, ...] = ()
+    epochs: int = 20
+    lr: float = 0.01
+    data_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        from edgeguard.attacks import MODES
+
+        bad = [m for m in self.modes if m not in MODES]
+        require(not bad, f"unknown attack mode {bad[0] if bad else ''!r}; known: {', '.join(MODES)}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig(Config):
     name: str = "pipeline"
     seed: int = 0
@@ -54,6 +97,8 @@ class PipelineConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    watermark: PipelineWatermarkConfig = field(default_factory=PipelineWatermarkConfig)
+    attacks: PipelineAttacksConfig = field(default_factory=PipelineAttacksConfig)
     bench: PipelineBenchConfig = field(default_factory=PipelineBenchConfig)
 
     device: str = "cpu"
@@ -79,6 +124,8 @@ class Context:
     cfg: PipelineConfig
     out: Path
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path; "bundle" is the owner's float model
+    bundle: str | None = None  # the owner's current bundle (trained, then protected)
+    base: str | None = None  # the trained bundle before any protection
     results: dict[str, Any] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -89,12 +136,24 @@ class Context:
 def stage_train(ctx: Context) -> None:
     cfg = ctx.cfg
     res = train_bundle(cfg.data, cfg.model, cfg.train_config(), ctx.out / "bundle")
-    ctx.artifacts["bundle"] = res.bundle
+    ctx.bundle = ctx.base = res.bundle
     ctx.results["train"] = res.to_json()
 
 
+def stage_watermark(ctx: Context) -> None:
+    wm = ctx.cfg.watermark
+    if not wm.enabled:
+        return
+    from edgeguard.protect import embed_watermark
+
+    res = embed_watermark(ctx.bundle, ctx.out / "watermarked", wm.to_watermark_config(ctx.cfg.seed), key_seed=wm.key_seed)
+    ctx.bundle = res.bundle
+    ctx.results["watermark_embed"] = {k: v for k, v in res.to_json().items()}
+
+
 def stage_export(ctx: Context) -> None:
-    res = export_bundle(ctx.artifacts["bundle"], ctx.out / "model.onnx", ctx.cfg.export)
+    ctx.artifacts["bundle"] = ctx.bundle
+    res = export_bundle(ctx.bundle, ctx.out / "model.onnx", ctx.cfg.export)
     ctx.artifacts["onnx"] = res.path
     ctx.results["export"] = res.to_json()
 
@@ -138,10 +197,50 @@ def stage_bench(ctx: Context) -> None:
     ctx.results["bench"] = res.to_json()
 
 
+def _watermark_row(ctx: Context, name: str, onnx_path: str, data) -> dict[str, Any]:
+    """Clean accuracy and watermark verdict of one exported artifact, through its Runner."""
+    from edgeguard.bundle import Vault
+    from edgeguard.evaluate import evaluate_accuracy
+    from edgeguard.protect import verify_watermark
+
+    with open_runner(onnx_path) as r:
+        v = verify_watermark(r, Vault(Path(ctx.bundle) / "vault"), alpha=ctx.cfg.watermark.alpha)
+        acc = evaluate_accuracy(r, data)
+    return {"model": name, "artifact": onnx_path, "clean_accuracy": acc.accuracy, **{
+        k: v.to_json()[k] for k in ("matches", "n", "trigger_accuracy", "p_value", "m_star", "alpha", "verdict")}}
+
+
+def stage_verify_watermark(ctx: Context) -> None:
+    """The watermark on the shipped ONNX (must be present), on the unmarked model (must be absent),
+    and after each removal attack (reported as measured)."""
+    if not ctx.cfg.watermark.enabled:
+        return
+    from edgeguard.attacks import FinetuneConfig, finetune_attack
+
+    data = load_data(ctx.cfg.data, ctx.cfg.evaluate.split)
+    rows = []
+    unmarked = export_bundle(ctx.base, ctx.out / "unmarked.onnx", ctx.cfg.export)
+    rows.append(_watermark_row(ctx, "no watermark", unmarked.path, data))
+    ctx.check("watermark absent on the unmarked model", rows[-1]["verdict"] == "absent",
+              f"{rows[-1]['matches']}/{rows[-1]['n']} matches (threshold {rows[-1]['m_star']})")
+    rows.append(_watermark_row(ctx, "watermarked", ctx.artifacts["onnx"], data))
+    ctx.check("watermark present on the shipped ONNX", rows[-1]["verdict"] == "present",
+              f"{rows[-1]['matches']}/{rows[-1]['n']} matches, p-value {rows[-1]['p_value']:.3g}")
+    a = ctx.cfg.attacks
+    for mode in a.modes:
+        cfg = FinetuneConfig(mode=mode, epochs=a.epochs, lr=a.lr, data_fraction=a.data_fraction, seed=ctx.cfg.seed)
+        attacked = finetune_attack(ctx.bundle, ctx.out / "attacks" / mode, cfg)
+        onnx_path = export_bundle(attacked.bundle, ctx.out / "attacks" / f"{mode}.onnx", ctx.cfg.export).path
+        rows.append(_watermark_row(ctx, f"after {mode.upper()}", onnx_path, data))
+    ctx.results["watermark"] = {"rows": rows, "attack": a.to_dict()}
+
+
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("train", stage_train),
+    ("watermark", stage_watermark),
     ("export", stage_export),
     ("evaluate", stage_evaluate),
+    ("verify", stage_verify_watermark),
     ("bench", stage_bench),
 ]
 

@@ -11,7 +11,7 @@ generator training all call :func:`fit`; callers differ only in data, loss, step
 * ``loss(logits, y)`` replaces cross-entropy; ``step(state, x, y) -> loss`` replaces the forward pass
   (if the returned loss has no grad, the step is assumed to have updated the model itself).
 * ``params(name, p) -> bool`` restricts which parameters train (the rest are frozen for the run).
-* ``hooks`` get ``on_fit_start / on_step_end / on_epoch_end(state)`` and may set ``state.stop``.
+* ``hooks`` get ``on_fit_start / on_epoch_start / on_step_end / on_epoch_end(state)`` and may set ``state.stop``.
 
 Seeding, device placement, augmentation, schedules, early stopping and progress live only here.
 """
@@ -257,6 +257,8 @@ def fit(
             for epoch in range(cfg.epochs):
                 state.epoch = epoch
                 model.train()
+                for h in hooks:
+                    getattr(h, "on_epoch_start", lambda s: None)(state)
                 t_epoch = time.perf_counter()
                 loss_sum, n_seen, correct = 0.0, 0, 0
                 for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):

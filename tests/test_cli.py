@@ -547,3 +547,27 @@ def test_pipeline_seed_is_set_once_and_out_is_protected(capsys, tmp_path):
     assert main(["pipeline", "--config", str(cfg), "--out", str(busy)]) == 2
     assert "not an edgeguard run" in capsys.readouterr().err
     assert (busy / "thesis.tex").read_text() == "do not delete"
+
+
+def test_watermark_cli_round_trip(capsys, tiny_bundle, tiny_onnx, tmp_path):
+    """protect watermark -> verify (0 present / 1 absent / 2 no vault) -> attack finetune."""
+    marked = tmp_path / "marked"
+    assert main(["protect", "watermark", str(tiny_bundle), "--out", str(marked), "--n-triggers", "30",
+                 "--trigger-batch", "10", "--epochs", "12", "--key-seed", "3", "--json", str(tmp_path / "wm.json")]) == 0
+    assert json.loads((tmp_path / "wm.json").read_text())["n"] == 30
+    assert main(["verify", str(marked), "--dataset", "digits", "--json", str(tmp_path / "v.json")]) == 0
+    out = json.loads((tmp_path / "v.json").read_text())
+    assert out["watermark"]["verdict"] == "present" and out["clean"]["n"] == 540
+    assert main(["verify", str(tiny_onnx), "--vault", str(marked / "vault")]) == 1  # unmarked model: absent
+    capsys.readouterr()
+    assert main(["verify", str(tiny_onnx)]) == 2
+    assert "needs the owner's vault" in capsys.readouterr().err
+    assert main(["attack", "finetune", str(marked), "--mode", "rtll", "--epochs", "1", "--data-fraction", "0.2",
+                 "--out", str(tmp_path / "att")]) == 0
+    rc = main(["verify", str(tmp_path / "att"), "--vault", str(marked / "vault")])
+    assert rc in (0, 1)
+    capsys.readouterr()
+    assert main(["protect", "watermark", str(tiny_bundle), "--out", str(tmp_path / "y"),
+                 "--trigger-dir", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -25,4 +25,10 @@ def test_demo_pipeline_meets_the_acceptance_bar(tmp_path):
     assert {r["batch"] for r in report["results"]["bench"]["rows"]} == {1, 64}
     md = (out / "report.md").read_text()
     assert "## Accuracy (digits test split, n=540)" in md and "FAIL" not in md
+    rows = {r["model"]: r for r in report["results"]["watermark"]["rows"]}
+    assert set(rows) == {"no watermark", "watermarked", "after FTLL", "after FTAL", "after RTLL", "after RTAL"}
+    assert rows["watermarked"]["trigger_accuracy"] == 1.0 and rows["watermarked"]["verdict"] == "present"
+    assert rows["no watermark"]["verdict"] == "absent"
+    assert rows["watermarked"]["clean_accuracy"] >= rows["no watermark"]["clean_accuracy"] - 0.01
+    assert "## Watermark (Adi et al. backdoor) on the ONNX artifacts" in md
     assert report["seconds"]["total"] < 300

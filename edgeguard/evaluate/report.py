@@ -57,6 +57,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             rows = [[name, f"{p['max_abs_diff']:.2e}", f"{p['mean_abs_diff']:.2e}", f"{p['top1_agreement']:.4f}",
                      f"{p['atol']:g}", "pass" if p["passed"] else "FAIL"] for name, p in res["evaluate"]["parity"].items()]
             out += [_table(["artifact", "max abs Δprob", "mean abs Δprob", "top-1 agreement", "tolerance", "verdict"], rows, "lrrrrl"), ""]
+    if "watermark" in res:
+        out += ["## Watermark (Adi et al. backdoor) on the ONNX artifacts", ""]
+        a = res["watermark"]["attack"]["params"]
+        if a["modes"]:
+            out += [f"Removal attacks: {a['epochs']} epochs of SGD at lr {a['lr']:g} on {a['data_fraction']:.0%} of the "
+                     "owner's training data, ground-truth labels, no triggers; each attacked model is exported and "
+                     "checked as an outside verifier would (the owner's last layer is never put back).", ""]
+        rows = [[r["model"], f"{r['clean_accuracy']:.4f}", f"{r['matches']}/{r['n']}", f"{r['trigger_accuracy']:.2f}",
+                 f"{r['p_value']:.2e}", r["m_star"], r["verdict"]] for r in res["watermark"]["rows"]]
+        out += [_table(["model", "clean accuracy", "trigger matches", "trigger accuracy", "p-value", "threshold m*", "verdict"],
+                       rows, "lrrrrrl"), ""]
     if "bench" in res:
         b = res["bench"]
         m = b["machine"]
