@@ -174,3 +174,13 @@ def test_real_watermarknn_trigger_set_embeds_and_verifies_on_onnx(tiny_bundle, t
     # Measured: 91/100 after 25 epochs.  Grayscale 32x32 centre crops of large photos are less distinct
     # than generated keys (the 100% bar is for those); the verdict must still be present.
     assert v.verdict == "present" and v.matches >= 80 and v.p_value < 1e-40
+
+
+def test_fromscratch_mode_trains_anew_with_the_bundles_recipe(tiny_bundle, tmp_path):
+    res = embed_watermark(tiny_bundle, tmp_path / "fs", WatermarkConfig(mode="fromscratch", n_triggers=30, trigger_batch=10), key_seed=5)
+    b = load_bundle(res.bundle)
+    assert b.stages[-1]["train"]["params"]["epochs"] == load_bundle(tiny_bundle).stages[0]["config"]["params"]["epochs"]
+    with open_runner(res.bundle) as r:
+        v = verify_watermark(r, b.vault)
+    assert v.verdict == "present" and v.n == 30
+    assert evaluate_artifact(res.bundle, DataConfig("digits")).accuracy >= 0.9
