@@ -197,3 +197,24 @@ def verify_artifact(
         wm = verify_watermark(runner, Vault(vault), alpha=alpha)
         clean = evaluate_accuracy(runner, load_data(data, split)) if data is not None else None
     return VerifyResult(wm, clean)
+
+
+@dataclass(frozen=True)
+class VerifyResults:
+    results: tuple[VerifyResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        if len(self.results) == 1:
+            return self.results[0].to_json()
+        return {"results": [r.to_json() for r in self.results], "passed": self.passed}
+
+
+def verify_artifacts(artifacts: list[str | Path], vault: str | Path | None = None, **kw: Any) -> VerifyResults:
+    """``verify_artifact`` for several artifacts (e.g. FP32 and INT8 side by side) with one vault."""
+    if vault is None and len(artifacts) > 1:
+        vault = Path(artifacts[0]) / "vault" if artifact_kind(artifacts[0]) == "bundle" else None
+    return VerifyResults(tuple(verify_artifact(a, vault, **kw) for a in artifacts))

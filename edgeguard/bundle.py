@@ -111,14 +111,23 @@ class Bundle:
         return sha256_file(self.path / MANIFEST)
 
     @property
+    def quantized(self) -> bool:
+        """An INT8 bundle: its deployable form is the QDQ graph ``model.onnx``."""
+        return self.manifest.get("precision", "fp32") != "fp32"
+
+    @property
     def vault(self) -> Vault:
         return Vault(self.path / VAULT)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return _load_state_dict(self.path / WEIGHTS)
 
-    def load_model(self) -> torch.nn.Module:
-        """Rebuild the architecture and load the weights; eval mode."""
+    def load_model(self, *, allow_quantized: bool = False) -> torch.nn.Module:
+        """Rebuild the architecture and load the (float) weights; eval mode."""
+        if self.quantized and not allow_quantized:
+            raise BadInput(
+                f"{self.path} is an INT8 bundle; protect, attack or fine-tune its float parent, then quantize again"
+            )
         model = self.spec.build()
         sd = self.state_dict()
         try:
@@ -213,17 +222,22 @@ def save_bundle(
     parent: Bundle | None = None,
     extra: Mapping[str, Any] | None = None,
     keep_vault: bool = True,
+    extra_files: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Write ``model``'s state dict and a manifest to ``out`` atomically.
 
     ``parent``: the bundle this one derives from; its hash is recorded and (``keep_vault``) its vault
     carried over.  An attacker's copy (removal attacks) is written with ``keep_vault=False``.
+    ``extra_files``: name -> writer(path) for further files (e.g. a quantized bundle's ``model.onnx``);
+    they are hashed into the manifest like ``model.pt``.
     """
     out = Path(out)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     check_target(out)
     with atomic_dir(out, may_replace=may_replace) as tmp:
         atomic_write(tmp / WEIGHTS, lambda t: torch.save(sd, t))
+        for name, writer in (extra_files or {}).items():
+            atomic_write(tmp / name, writer)
         if keep_vault and parent is not None and (parent.path / VAULT).is_dir():
             shutil.copytree(parent.path / VAULT, tmp / VAULT)
         manifest: dict[str, Any] = {
@@ -240,7 +254,10 @@ def save_bundle(
             "dataset": dataset if dataset is not None else (parent.manifest.get("dataset") if parent else None),
             "parent_sha256": parent.sha256 if parent is not None else None,
             "stages": [dict(s) for s in stages],
-            "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
+            "files": {
+                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                for name in [WEIGHTS, *(extra_files or {})]
+            },
         }
         if extra:
             manifest.update(extra)

@@ -182,9 +182,10 @@ def export_cmd(bundle, out, opset, max_batch, seed, json_path):
     from edgeguard.export import ExportConfig
 
     res = export_bundle(bundle, out, ExportConfig().replace(opset=opset, max_batch=max_batch))
-    emit(res, json_path, f"wrote {res.path} ({res.bytes:,} bytes, opset {res.opset}, sha256 {res.sha256[:12]}); "
-                         f"self-check vs PyTorch: max |Δprob| {res.self_check_max_abs_diff:.2e}, "
-                         f"top-1 agreement {res.self_check_top1_agreement:.4f}")
+    check = ("stored QDQ graph of the INT8 bundle" if res.self_check_max_abs_diff is None else
+             f"self-check vs PyTorch: max |Δprob| {res.self_check_max_abs_diff:.2e}, "
+             f"top-1 agreement {res.self_check_top1_agreement:.4f}")
+    emit(res, json_path, f"wrote {res.path} ({res.bytes:,} bytes, opset {res.opset}, sha256 {res.sha256[:12]}); {check}")
 
 
 @cli.command("info")
@@ -294,8 +295,40 @@ def protect_watermark_cmd(bundle, out, trigger_dir, labels, n_triggers, renderer
                          f"the key is in {Path(res.bundle) / 'vault'}")
 
 
+@cli.command("quantize")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(["ptq", "qat"]), default="ptq", show_default=True)
+@click.option("--target", type=click.Choice(["tensorrt", "cpu"]), default="tensorrt", show_default=True,
+              help="tensorrt: symmetric INT8 (zero point 0); cpu: U8 activations + S8 weights for ONNX Runtime on x86.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="INT8 bundle to write.")
+@click.option("--calibration", type=click.Choice(["minmax", "histogram"]), default=None, help="PTQ observer (default histogram).")
+@click.option("--calib-samples", type=int, default=None, help="Calibration images from the training split (default 512).")
+@click.option("--calib-dataset", type=click.Choice(_registry_names("dataset")), default=None,
+              help="Calibration / QAT data (default: the bundle's own training data).")
+@DATA_ROOT
+@click.option("--exclude", multiple=True, help="Module path kept in float (repeatable).")
+@click.option("--epochs", type=int, default=None, help="QAT epochs (default 2).")
+@click.option("--lr", type=float, default=None, help="QAT learning rate (default 1e-3).")
+@click.option("--freeze-observers", "freeze_observers_epoch", type=int, default=None,
+              help="QAT: stop updating observers from this epoch on.")
+@SEED
+@JSON_OUT
+def quantize_cmd(bundle, mode, target, out, calibration, calib_samples, calib_dataset, data_root, exclude, epochs, lr,
+                 freeze_observers_epoch, seed, json_path):
+    """Quantize a bundle to INT8 (PT2E PTQ or QAT); the result carries a QDQ ONNX graph."""
+    from edgeguard.quantize import PtqConfig, QatConfig, quantize_bundle
+
+    base = PtqConfig(target=target).replace(calibration=calibration, calib_samples=calib_samples, calib_dataset=calib_dataset,
+                                            calib_root=data_root, exclude=tuple(exclude) or None, seed=seed)
+    cfg = base if mode == "ptq" else QatConfig(base=base).replace(epochs=epochs, lr=lr,
+                                                                   freeze_observers_epoch=freeze_observers_epoch, seed=seed)
+    res = quantize_bundle(bundle, out, cfg)
+    emit(res, json_path, f"INT8 bundle {res.bundle} ({res.mode}, target {res.target}): {res.qdq_nodes} Q/DQ nodes, "
+                         f"QDQ graph {res.onnx_bytes:,} bytes")
+
+
 @cli.command("verify")
-@ARTIFACT
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--vault", type=click.Path(path_type=Path), default=None,
               help="Owner vault (default for a bundle: its own BUNDLE/vault).")
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
@@ -306,18 +339,21 @@ def protect_watermark_cmd(bundle, out, trigger_dir, labels, n_triggers, renderer
 @DEVICE
 @SEED
 @JSON_OUT
-def verify_cmd(artifact, vault, alpha, dataset, data_root, split, device, seed, json_path):
-    """Verify the watermark on an artifact (exit 0 present, 1 absent); clean accuracy with --dataset."""
-    from edgeguard.api import verify_artifact
+def verify_cmd(artifacts, vault, alpha, dataset, data_root, split, device, seed, json_path):
+    """Verify the watermark on one or more artifacts, side by side (exit 0 only if present on all)."""
+    from edgeguard.api import verify_artifacts
 
     data = _data_config(dataset, data_root, ()) if dataset else None
-    res = verify_artifact(artifact, vault, alpha=alpha, data=data, split=split, device=device)
-    w = res.watermark
-    lines = [f"watermark {w.verdict.upper()}: {w.matches}/{w.n} triggers match (p-value {w.p_value:.3g}, "
-             f"threshold {w.m_star} at alpha {w.alpha:g}, chance 1/{w.k}) on {artifact} "
-             f"[{w.artifact['backend']} {w.artifact['precision']}]"]
-    if res.clean is not None:
-        lines.append(f"clean accuracy {res.clean.accuracy:.4f} ({res.clean.correct}/{res.clean.n}) on {res.clean.dataset}/{res.clean.split}")
+    res = verify_artifacts(list(artifacts), vault, alpha=alpha, data=data, split=split, device=device)
+    lines = []
+    for r in res.results:
+        w = r.watermark
+        line = (f"watermark {w.verdict.upper()}: {w.matches}/{w.n} triggers match (p-value {w.p_value:.3g}, "
+                f"threshold {w.m_star} at alpha {w.alpha:g}, chance 1/{w.k}) on {w.artifact['path']} "
+                f"[{w.artifact['backend']} {w.artifact['precision']}]")
+        if r.clean is not None:
+            line += f"; clean accuracy {r.clean.accuracy:.4f} ({r.clean.correct}/{r.clean.n}) on {r.clean.dataset}/{r.clean.split}"
+        lines.append(line)
     emit(res, json_path, "\n".join(lines))
 
 

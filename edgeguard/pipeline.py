@@ -1,6 +1,6 @@
 """``edgeguard pipeline --config configs/demo.yaml --out DIR``: every stage in-process, then a report.
 
-Stages: train -> watermark (optional) -> export -> evaluate (accuracy + parity) -> verify (watermark on
+Stages: train -> watermark (optional) -> quantize (optional) -> export -> evaluate (accuracy + parity) -> verify (watermark on
 the ONNX artifacts: unmarked, marked, after each removal attack) -> bench.
 
 The stages call the same library functions as the stage commands (``edgeguard.api``); later
@@ -89,6 +89,30 @@ class PipelineAttacksConfig(Config):
 
 
 @dataclass(frozen=True)
+class PipelineQuantizeConfig(Config):
+    """The quantize stage: the protected bundle to INT8 (PTQ or QAT), shipped as a second ONNX file."""
+
+    enabled: bool = False
+    mode: str = "ptq"
+    target: str = "tensorrt"
+    calibration: str = "histogram"
+    calib_samples: int = 512
+    epochs: int = 2  # QAT
+    lr: float = 1e-3  # QAT
+    max_accuracy_drop: float = 0.01  # the pipeline fails if INT8 loses more accuracy than this
+
+    def __post_init__(self) -> None:
+        require(self.mode in ("ptq", "qat"), "quantize.mode must be ptq or qat")
+        require(self.target in ("tensorrt", "cpu"), "quantize.target must be tensorrt or cpu")
+
+    def to_quantize_config(self, seed: int):
+        from edgeguard.quantize import PtqConfig, QatConfig
+
+        base = PtqConfig(target=self.target, calibration=self.calibration, calib_samples=self.calib_samples, seed=seed)
+        return base if self.mode == "ptq" else QatConfig(base=base, epochs=self.epochs, lr=self.lr, seed=seed)
+
+
+@dataclass(frozen=True)
 class PipelineConfig(Config):
     name: str = "pipeline"
     seed: int = 0
@@ -98,6 +122,7 @@ class PipelineConfig(Config):
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     watermark: PipelineWatermarkConfig = field(default_factory=PipelineWatermarkConfig)
+    quantize: PipelineQuantizeConfig = field(default_factory=PipelineQuantizeConfig)
     attacks: PipelineAttacksConfig = field(default_factory=PipelineAttacksConfig)
     bench: PipelineBenchConfig = field(default_factory=PipelineBenchConfig)
 
@@ -126,6 +151,7 @@ class Context:
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path; "bundle" is the owner's float model
     bundle: str | None = None  # the owner's current bundle (trained, then protected)
     base: str | None = None  # the trained bundle before any protection
+    int8: str | None = None  # the quantized bundle, if the quantize stage ran
     results: dict[str, Any] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -151,11 +177,26 @@ def stage_watermark(ctx: Context) -> None:
     ctx.results["watermark_embed"] = {k: v for k, v in res.to_json().items()}
 
 
+def stage_quantize(ctx: Context) -> None:
+    q = ctx.cfg.quantize
+    if not q.enabled:
+        return
+    from edgeguard.quantize import quantize_bundle
+
+    res = quantize_bundle(ctx.bundle, ctx.out / "int8", q.to_quantize_config(ctx.cfg.seed))
+    ctx.int8 = res.bundle
+    ctx.results["quantize"] = res.to_json()
+
+
 def stage_export(ctx: Context) -> None:
     ctx.artifacts["bundle"] = ctx.bundle
     res = export_bundle(ctx.bundle, ctx.out / "model.onnx", ctx.cfg.export)
     ctx.artifacts["onnx"] = res.path
-    ctx.results["export"] = res.to_json()
+    ctx.results["export"] = {"onnx": res.to_json()}
+    if ctx.int8 is not None:
+        res8 = export_bundle(ctx.int8, ctx.out / "model_int8.onnx", ctx.cfg.export)
+        ctx.artifacts["onnx_int8"] = res8.path
+        ctx.results["export"]["onnx_int8"] = res8.to_json()
 
 
 def stage_evaluate(ctx: Context) -> None:
@@ -180,10 +221,19 @@ def stage_evaluate(ctx: Context) -> None:
             continue
         p = parity_from(preds["bundle"], preds[name], atol=cfg.parity_atol, a="bundle", b=name)
         parity[name] = p.to_json()
-        ctx.check(
-            f"parity bundle vs {name}", p.passed,
-            f"max |Δprob| {p.max_abs_diff:.2e} (tol {cfg.parity_atol:g}), top-1 agreement {p.top1_agreement:.4f} on n={p.n}",
-        )
+        if acc[name]["artifact"]["precision"] == "fp32":  # the same float model: must agree to the tolerance
+            ctx.check(
+                f"parity bundle vs {name}", p.passed,
+                f"max |Δprob| {p.max_abs_diff:.2e} (tol {cfg.parity_atol:g}), top-1 agreement {p.top1_agreement:.4f} on n={p.n}",
+            )
+        else:  # INT8: judged by its accuracy cost, the agreement is reported
+            drop = acc["bundle"]["accuracy"] - acc[name]["accuracy"]
+            limit = ctx.cfg.quantize.max_accuracy_drop
+            ctx.check(f"{name} accuracy cost", drop <= limit,
+                      f"{drop * 100:+.2f} points vs FP32 (limit {limit * 100:.1f}); top-1 agreement with FP32 {p.top1_agreement:.4f}")
+    for name, path in ctx.artifacts.items():
+        f = Path(path) / "model.pt" if Path(path).is_dir() else Path(path)
+        acc[name]["bytes"] = f.stat().st_size
     ctx.results["evaluate"] = {"accuracy": acc, "parity": parity}
 
 
@@ -226,6 +276,11 @@ def stage_verify_watermark(ctx: Context) -> None:
     rows.append(_watermark_row(ctx, "watermarked", ctx.artifacts["onnx"], data))
     ctx.check("watermark present on the shipped ONNX", rows[-1]["verdict"] == "present",
               f"{rows[-1]['matches']}/{rows[-1]['n']} matches, p-value {rows[-1]['p_value']:.3g}")
+    if "onnx_int8" in ctx.artifacts:
+        q = ctx.cfg.quantize
+        rows.append(_watermark_row(ctx, f"watermarked, INT8 ({q.mode}, {q.target})", ctx.artifacts["onnx_int8"], data))
+        ctx.check("watermark present on the INT8 ONNX", rows[-1]["verdict"] == "present",
+                  f"{rows[-1]['matches']}/{rows[-1]['n']} matches, p-value {rows[-1]['p_value']:.3g}")
     a = ctx.cfg.attacks
     for mode in a.modes:
         cfg = FinetuneConfig(mode=mode, epochs=a.epochs, lr=a.lr, data_fraction=a.data_fraction, seed=ctx.cfg.seed)
@@ -238,6 +293,7 @@ def stage_verify_watermark(ctx: Context) -> None:
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("train", stage_train),
     ("watermark", stage_watermark),
+    ("quantize", stage_quantize),
     ("export", stage_export),
     ("evaluate", stage_evaluate),
     ("verify", stage_verify_watermark),

@@ -571,3 +571,24 @@ def test_watermark_cli_round_trip(capsys, tiny_bundle, tiny_onnx, tmp_path):
                  "--trigger-dir", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_quantize_cli_and_its_bad_inputs(capsys, tiny_bundle, tmp_path):
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_bundle), "--target", "cpu", "--calib-samples", "64", "--out", str(q),
+                 "--json", str(tmp_path / "q.json")]) == 0
+    res = json.loads((tmp_path / "q.json").read_text())
+    assert res["mode"] == "ptq" and res["target"] == "cpu" and res["qdq_nodes"] > 0
+    assert main(["info", str(q), "--json", str(tmp_path / "i.json")]) == 0
+    assert json.loads((tmp_path / "i.json").read_text())["info"]["precision"] == "int8"
+    assert main(["verify", str(tiny_bundle), str(q), "--vault", str(tmp_path / "novault")]) == 2
+    capsys.readouterr()
+    for args, match in (
+        (["quantize", str(q), "--out", str(tmp_path / "qq")], "already quantized"),
+        (["quantize", str(tiny_bundle), "--target", "gpu", "--out", str(tmp_path / "g")], "gpu"),
+        (["quantize", str(tiny_bundle), "--calib-dataset", "synthetic", "--out", str(tmp_path / "s")], "calibration images are"),
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err
+    assert not (tmp_path / "qq").exists() and not (tmp_path / "s").exists()

@@ -26,7 +26,12 @@ def test_demo_pipeline_meets_the_acceptance_bar(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Accuracy (digits test split, n=540)" in md and "FAIL" not in md
     rows = {r["model"]: r for r in report["results"]["watermark"]["rows"]}
-    assert set(rows) == {"no watermark", "watermarked", "after FTLL", "after FTAL", "after RTLL", "after RTAL"}
+    assert set(rows) == {"no watermark", "watermarked", "watermarked, INT8 (ptq, cpu)", "after FTLL", "after FTAL",
+                         "after RTLL", "after RTAL"}
+    assert rows["watermarked, INT8 (ptq, cpu)"]["verdict"] == "present"
+    assert acc["onnx_int8"]["artifact"]["precision"] == "int8"
+    assert acc["onnx_int8"]["accuracy"] >= acc["bundle"]["accuracy"] - 0.01
+    assert acc["onnx_int8"]["bytes"] < acc["onnx"]["bytes"] / 2
     assert rows["watermarked"]["trigger_accuracy"] == 1.0 and rows["watermarked"]["verdict"] == "present"
     assert rows["no watermark"]["verdict"] == "absent"
     assert rows["watermarked"]["clean_accuracy"] >= rows["no watermark"]["clean_accuracy"] - 0.01

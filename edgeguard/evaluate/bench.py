@@ -129,7 +129,7 @@ def bench_runners(runners: list[Runner], cfg: BenchConfig | None = None, *, name
                         p50_ms=round(p50, 4),
                         p90_ms=round(float(np.percentile(t, 90)), 4),
                         mean_ms=round(float(t.mean()), 4),
-                        throughput=round(bs / (p50 / 1000.0), 1),
+                        throughput=round(bs / (p50 / 1000.0), 3),
                         ratio_p50=round(p50_first / p50, 3),
                     )
                 )

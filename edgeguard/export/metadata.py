@@ -22,8 +22,9 @@ KEYS = (
     "output",
     "source_sha256",
     "stages",
+    "quantization",
 )
-JSON_KEYS = {"classes", "input_shape", "normalization", "defense", "stages"}
+JSON_KEYS = {"classes", "input_shape", "normalization", "defense", "stages", "quantization"}
 
 
 def encode(meta: Mapping[str, Any]) -> dict[str, str]:

@@ -124,6 +124,50 @@ def self_check(proto, module: nn.Module, input_shape: tuple[int, ...], n: int, s
     return parity_from(ref, got, atol=PARITY_ATOL, a="pytorch", b="onnxruntime")
 
 
+def finalize_onnx(proto, bundle: Bundle, *, precision: str = "fp32", defense=None, quantization=None):
+    """Write edgeguard metadata into ``proto`` and run ``onnx.checker`` (full check)."""
+    import onnx
+
+    spec = bundle.spec
+    meta = {
+        "version": __version__,
+        "arch": spec.arch,
+        "classes": list(spec.classes),
+        "input_shape": list(spec.input_shape),
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std), "in_graph": True},
+        "precision": precision,
+        "defense": defense or {"name": "none", "params": {}},
+        "output": "probabilities",
+        "source_sha256": bundle.sha256,
+        "stages": [s["stage"] for s in bundle.stages],
+    }
+    if quantization is not None:
+        meta["quantization"] = quantization
+    del proto.metadata_props[:]
+    for k, v in encode(meta).items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.doc_string = f"edgeguard {__version__} export of {spec.arch} ({len(spec.classes)} classes, {precision})"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise CheckFailed(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+    return proto
+
+
+def _export_quantized(bundle: Bundle, out: Path, head, defense) -> ExportResult:
+    """An INT8 bundle ships its stored QDQ graph, re-stamped with this bundle as the source."""
+    import onnx
+
+    if head is not None:
+        raise BadInput("defense heads for INT8 bundles are appended to the QDQ graph (not available yet)")
+    proto = onnx.load(str(bundle.path / "model.onnx"))
+    quant = dict(bundle.manifest.get("quantization", {}))
+    proto = finalize_onnx(proto, bundle, precision=bundle.manifest["precision"], defense=defense, quantization=quant)
+    atomic_write(out, lambda t: onnx.save_model(proto, str(t)))
+    return ExportResult(path=str(out), sha256=sha256_file(out), bytes=out.stat().st_size, opset=proto.opset_import[0].version,
+                        source_sha256=bundle.sha256, self_check_max_abs_diff=None, self_check_top1_agreement=None)
+
+
 def export_onnx(
     source: Bundle | str | Path,
     out: str | Path,
@@ -140,33 +184,13 @@ def export_onnx(
     if out.suffix.lower() != ".onnx":
         raise BadInput(f"the export target must end in .onnx (got {out.name})")
     bundle = source if isinstance(source, Bundle) else load_bundle(source)
+    if bundle.quantized:
+        return _export_quantized(bundle, out, head, defense)
     spec = bundle.spec
     module = Deployed(bundle.load_model(), head).eval()
     proto = to_onnx_proto(module, spec.input_shape, cfg)
 
-    meta = encode(
-        {
-            "version": __version__,
-            "arch": spec.arch,
-            "classes": list(spec.classes),
-            "input_shape": list(spec.input_shape),
-            "normalization": {"mean": list(spec.mean), "std": list(spec.std), "in_graph": True},
-            "precision": "fp32",
-            "defense": defense or {"name": "none", "params": {}},
-            "output": "probabilities",
-            "source_sha256": bundle.sha256,
-            "stages": [s["stage"] for s in bundle.stages],
-        }
-    )
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
-    proto.doc_string = f"edgeguard {__version__} export of {spec.arch} ({len(spec.classes)} classes)"
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise CheckFailed(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
-
+    proto = finalize_onnx(proto, bundle, defense=defense)
     diff = agree = None
     if cfg.check_samples:
         parity = self_check(proto, module, spec.input_shape, cfg.check_samples)

@@ -47,6 +47,13 @@ def open_runner(path: str | Path, *, device: str | None = None, providers=None, 
     runner_cls = getattr(importlib.import_module(module), cls)
     kw = {} if batch_size is None else {"batch_size": batch_size}
     if kind == "bundle":
+        from edgeguard.bundle import load_bundle
+
+        bundle = load_bundle(path)  # verifies every file, model.onnx of an INT8 bundle included
+        if bundle.quantized:  # an INT8 bundle runs its QDQ graph: the checks see what will ship
+            module, cls = _BACKENDS[".onnx"]
+            runner_cls = getattr(importlib.import_module(module), cls)
+            return runner_cls(Path(path) / "model.onnx", providers=providers, **kw).open()
         kw["device"] = device
     elif kind == ".onnx":
         kw["providers"] = providers or (["cuda"] if device and device.startswith("cuda") else None)

@@ -1,0 +1,213 @@
+"""``quantize(model, cfg, data)``: PT2E post-training quantization or QAT to INT8, one verb whose
+config type picks the handler; ``quantize_bundle`` writes a quantized bundle.
+
+A quantized bundle keeps the float weights it derives from (``model.pt``: the parent's for PTQ, the
+fine-tuned ones for QAT) and the deployable QDQ graph (``model.onnx``, softmax in FP32 after the
+logits).  ``open_runner`` runs a quantized bundle through that graph, so every check sees INT8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from edgeguard.bundle import check_target, load_bundle, save_bundle, stage_record
+from edgeguard.config import Config, DataConfig, require
+from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.progress import log
+from edgeguard.training import TrainConfig, fit
+
+
+@dataclass(frozen=True)
+class PtqConfig(Config):
+    target: Literal["tensorrt", "cpu"] = "tensorrt"
+    calibration: Literal["minmax", "histogram"] = "histogram"
+    calib_samples: int = 512  # spec: at least 500 images for CNNs, from the training split
+    calib_batch: int = 64
+    calib_dataset: str | None = None  # default: the bundle's own training data
+    calib_root: str | None = None
+    exclude: tuple[str, ...] = ()  # module paths kept in float (e.g. a MagicGuard layer)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.calib_samples >= 1 and self.calib_batch >= 1, "calib_samples and calib_batch must be >= 1")
+
+
+@dataclass(frozen=True)
+class QatConfig(Config):
+    """QAT wraps the PTQ config (target, observers, exclusions) and fine-tunes with fake quantization."""
+
+    base: PtqConfig = field(default_factory=PtqConfig)
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 64
+    freeze_observers_epoch: int = 0  # from this epoch on (1-based) observers stop updating (0: never)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1 and self.lr > 0, "epochs must be >= 1 and lr > 0")
+        require(self.freeze_observers_epoch >= 0, "freeze_observers_epoch must be >= 0")
+
+
+@contextlib.contextmanager
+def _quiet_torchao():
+    """torchao prints failures to load its CUDA kernels on CPU machines; they are irrelevant here."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _pt2e():
+    try:
+        with _quiet_torchao():
+            import torchao.quantization.pt2e as pt2e
+            from torchao.quantization.pt2e import quantize_pt2e
+    except ImportError:
+        raise BackendUnavailable("quantization needs torchao: pip install torchao") from None
+    return pt2e, quantize_pt2e
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    dim = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet_torchao():
+        return torch.export.export(model, (example,), dynamic_shapes=({0: dim},)).module()
+
+
+def _ptq(model: torch.nn.Module, cfg: PtqConfig, data, *, extra=None) -> torch.fx.GraphModule:
+    from edgeguard.quantize.quantizers import make_quantizer
+
+    pt2e, q = _pt2e()
+    model = model.eval()
+    x, _ = data.tensors(0, min(len(data), cfg.calib_samples))
+    with _quiet_torchao():
+        prepared = q.prepare_pt2e(_export(model, x[:2]), make_quantizer(cfg.target, cfg.calibration, exclude=cfg.exclude))
+        with torch.no_grad():
+            for s in range(0, len(x), cfg.calib_batch):
+                prepared(x[s : s + cfg.calib_batch])
+        converted = q.convert_pt2e(prepared)
+        pt2e.move_exported_model_to_eval(converted)
+        pt2e.allow_exported_model_train_eval(converted)
+    return converted
+
+
+class _FreezeObservers:
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_start(self, state) -> None:
+        if self.epoch and state.epoch + 1 >= self.epoch:
+            pt2e, _ = _pt2e()
+            state.model.apply(pt2e.disable_observer)
+
+
+def _qat(model: torch.nn.Module, cfg: QatConfig, data, *, extra=None) -> torch.fx.GraphModule:
+    from edgeguard.quantize.quantizers import make_quantizer
+
+    pt2e, q = _pt2e()
+    x, _ = data.tensors(0, 2)
+    model.train()
+    with _quiet_torchao():
+        prepared = q.prepare_qat_pt2e(_export(model, x), make_quantizer(cfg.base.target, qat=True, exclude=cfg.base.exclude))
+        pt2e.allow_exported_model_train_eval(prepared)
+    fit(prepared, data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, schedule="cosine", seed=cfg.seed),
+        extra=extra, hooks=[_FreezeObservers(cfg.freeze_observers_epoch)], desc="QAT")
+    with _quiet_torchao():
+        pt2e.move_exported_model_to_eval(prepared)
+        converted = q.convert_pt2e(prepared)
+        pt2e.move_exported_model_to_eval(converted)
+        pt2e.allow_exported_model_train_eval(converted)
+    model.load_state_dict({k: v for k, v in prepared.state_dict().items() if k in model.state_dict()}, strict=False)
+    return converted
+
+
+_HANDLERS: dict[type, Callable[..., torch.fx.GraphModule]] = {PtqConfig: _ptq, QatConfig: _qat}
+
+
+def quantize(model: torch.nn.Module, cfg: PtqConfig | QatConfig, data, *, extra=None) -> torch.fx.GraphModule:
+    """The one verb: the config's type picks PTQ or QAT.  QAT updates ``model``'s float weights in place."""
+    try:
+        handler = _HANDLERS[type(cfg)]
+    except KeyError:
+        raise BadInput(f"not a quantization config: {type(cfg).__name__}; use PtqConfig or QatConfig") from None
+    return handler(model, cfg, data, extra=extra)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    bundle: str
+    sha256: str
+    mode: str
+    target: str
+    onnx_bytes: int
+    qdq_nodes: int
+    passed: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def quantize_bundle(source: str | Path, out: str | Path, cfg: PtqConfig | QatConfig) -> QuantizeResult:
+    """Quantize a float bundle and write an INT8 bundle (float weights + QDQ ONNX) to ``out``."""
+    import onnx
+
+    from edgeguard.api import load_data
+    from edgeguard.export.onnx import Deployed, ExportConfig, finalize_onnx, to_onnx_proto
+    from edgeguard.protect.watermark import bundle_data_config
+    from edgeguard.training import Mix, TensorData
+
+    check_target(out)
+    bundle = load_bundle(source)
+    if bundle.quantized:
+        raise BadInput(f"{source} is already quantized ({bundle.manifest['precision']}); quantize its float parent instead")
+    spec = bundle.spec
+    base = cfg if isinstance(cfg, PtqConfig) else cfg.base
+    data_cfg = DataConfig(base.calib_dataset, root=base.calib_root) if base.calib_dataset else bundle_data_config(bundle)
+    data = load_data(data_cfg, "train")
+    if data.info.input_shape != spec.input_shape:
+        raise BadInput(f"calibration images are {data.info.input_shape} but the model takes {spec.input_shape}")
+    g = torch.Generator().manual_seed(base.seed)
+    data = data.subset(torch.randperm(len(data), generator=g))  # calibration / QAT order from the seed
+    extra = None
+    if isinstance(cfg, QatConfig):
+        if data.num_classes != spec.num_classes:
+            raise BadInput(f"QAT data has {data.num_classes} classes but the model has {spec.num_classes}")
+        from edgeguard.protect.watermark import VAULT_RECORD, read_key
+
+        if VAULT_RECORD in bundle.vault:  # keep the watermark in: QAT is fine-tuning (spec pitfall 11)
+            key, _ = read_key(bundle.vault)
+            extra = Mix(TensorData(key.as_float(), key.labels), 16)
+            log("QAT: mixing the bundle's watermark triggers into every batch")
+    model = bundle.load_model()
+    converted = quantize(model, cfg, data, extra=extra)
+    proto = to_onnx_proto(Deployed(converted), spec.input_shape, ExportConfig())
+    mode = "ptq" if isinstance(cfg, PtqConfig) else "qat"
+    quant_meta = {"mode": mode, "target": base.target, "calibration": base.calibration if mode == "ptq" else "qat",
+                  "calib_samples": min(len(data), base.calib_samples) if mode == "ptq" else None,
+                  "parent_sha256": bundle.sha256}
+    proto = finalize_onnx(proto, bundle, precision="int8", quantization=quant_meta)
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
+    stage = stage_record("quantize", cfg, mode=mode, target=base.target, qdq_nodes=qdq, data=data_cfg.to_dict())
+    out_bundle = save_bundle(
+        out, model, spec, stages=[*bundle.stages, stage], parent=bundle,
+        extra={"precision": "int8", "quantization": quant_meta},
+        extra_files={"model.onnx": lambda t: onnx.save_model(proto, str(t))},
+    )
+    return QuantizeResult(str(out_bundle.path), out_bundle.sha256, mode, base.target,
+                          (out_bundle.path / "model.onnx").stat().st_size, qdq)
