@@ -106,3 +106,16 @@ def test_bad_quantization_inputs(int8, tiny_bundle, tmp_path):
     with pytest.raises(BadInput, match="INT8 bundle"):
         embed_watermark(int8["ptq_cpu"], tmp_path / "wm", WatermarkConfig())
     assert not any(p.name in ("again", "rgb", "wm") for p in tmp_path.iterdir())
+
+
+def test_excluded_layers_stay_float_and_batch_stays_dynamic(marked, tmp_path):
+    """Layers named in ``exclude`` (later: MagicGuard, the defense head) get no Q/DQ; any batch size runs."""
+    res = quantize_bundle(marked, tmp_path / "ex", PtqConfig(target="tensorrt", calib_samples=64, exclude=("net.classifier", "net.fc")))
+    proto, inits, qdq = _qdq(f"{res.bundle}/model.onnx")
+    weight_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) == 4  # the four convs only: fc and classifier weights stay FP32
+    gemm_weights = {n.input[1] for n in proto.graph.node if n.op_type == "Gemm"}
+    assert all(w in inits and inits[w].dtype == np.float32 for w in gemm_weights)
+    with open_runner(res.bundle) as r:
+        for n in (1, 5, 300):
+            assert r.predict(np.random.default_rng(n).random((n, 1, 32, 32), dtype=np.float32)).shape == (n, 10)
