@@ -5,11 +5,14 @@ Set ``EDGEGUARD_QUIET=1`` (or pass ``quiet=True``) to silence it.  stdout stays 
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 
 def _quiet(quiet: bool | None) -> bool:
@@ -61,3 +64,23 @@ def task(desc: str, total: int, *, quiet: bool | None = None) -> Iterator[_Task]
     ) as bar:
         tid = bar.add_task(desc, total=total, note="")
         yield _Task(bar, tid, desc, total, q)
+
+
+@contextmanager
+def silenced(*loggers: str) -> Iterator[io.StringIO]:
+    """Swallow what chatty libraries print (stdout, stderr, warnings, the named loggers below ERROR).
+
+    Yields the captured text, so a caller can quote it in an error message.
+    """
+    buf = io.StringIO()
+    handles = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in handles]
+    for lg in handles:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(buf), redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, level in zip(handles, levels, strict=True):
+            lg.setLevel(level)

@@ -7,10 +7,6 @@ PyTorch; a mismatch raises :class:`CheckFailed` and leaves no file behind.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from edgeguard.errors import BadInput, CheckFailed
 from edgeguard.evaluate.metrics import ParityResult, parity_from
 from edgeguard.export.metadata import encode
 from edgeguard.fileio import atomic_write, sha256_file
+from edgeguard.progress import silenced
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -70,21 +67,9 @@ class ExportResult:
         return dict(self.__dict__)
 
 
-@contextlib.contextmanager
 def _quiet_exporter():
     """The dynamo exporter narrates on stdout/stderr; keep it for the error message only."""
-    buf = io.StringIO()
-    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        warnings.simplefilter("ignore")
-        try:
-            yield buf
-        finally:
-            for lg, level in zip(quiet, levels, strict=True):
-                lg.setLevel(level)
+    return silenced("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
 def to_onnx_proto(module: nn.Module, input_shape: tuple[int, ...], cfg: ExportConfig):

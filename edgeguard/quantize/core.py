@@ -8,10 +8,6 @@ logits).  ``open_runner`` runs a quantized bundle through that graph, so every c
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +18,7 @@ import torch
 from edgeguard.bundle import check_target, load_bundle, save_bundle, stage_record
 from edgeguard.config import Config, DataConfig, require
 from edgeguard.errors import BackendUnavailable, BadInput
-from edgeguard.progress import log
+from edgeguard.progress import log, silenced
 from edgeguard.training import TrainConfig, fit
 
 
@@ -57,21 +53,9 @@ class QatConfig(Config):
         require(self.freeze_observers_epoch >= 0, "freeze_observers_epoch must be >= 0")
 
 
-@contextlib.contextmanager
 def _quiet_torchao():
     """torchao prints failures to load its CUDA kernels on CPU machines; they are irrelevant here."""
-    buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", "torch.export", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    return silenced("torchao", "torch.utils._pytree", "torch.export", "torch._dynamo")
 
 
 def _pt2e():
