@@ -177,6 +177,8 @@ def _validate_manifest(p: Path, m: dict[str, Any]) -> None:
     files = m["files"]
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise bad(f"files must list {WEIGHTS}")
+    if m.get("precision", "fp32") != "fp32" and "model.onnx" not in files:
+        raise bad("an INT8 bundle must list its model.onnx")
     for name in files:
         if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
             raise bad(f"file name {name!r} points outside the bundle")

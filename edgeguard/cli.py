@@ -276,7 +276,7 @@ def protect_group() -> None:
 @click.option("--lr", type=float, default=None)
 @click.option("--trigger-batch", type=int, default=None, help="Triggers appended to every clean batch (default 16).")
 @click.option("--alpha", type=float, default=None, help="Significance of the verdict (default 1e-3).")
-@click.option("--key-seed", type=int, default=None, help="Seed of a generated key (default: a random secret).")
+@click.option("--key-seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed of a generated key (default: a random secret).")
 @SEED
 @JSON_OUT
 def protect_watermark_cmd(bundle, out, trigger_dir, labels, n_triggers, renderer, mode, epochs, lr, trigger_batch,

@@ -341,10 +341,13 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> PipelineResult:
         t0 = time.perf_counter()
         fn(ctx)
         timings[name] = round(time.perf_counter() - t0, 3)
+    config = cfg.to_dict()
+    if config["params"]["watermark"]["params"].get("key_seed") is not None:
+        config["params"]["watermark"]["params"]["key_seed"] = "<secret: kept in the vault only>"
     report = {
         "name": cfg.name,
         "edgeguard_version": __version__,
-        "config": cfg.to_dict(),
+        "config": config,
         "artifacts": ctx.artifacts,
         "results": ctx.results,
         "checks": ctx.checks,

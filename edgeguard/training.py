@@ -262,10 +262,10 @@ def fit(
                 t_epoch = time.perf_counter()
                 loss_sum, n_seen, correct = 0.0, 0, 0
                 for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+                    x = augment_batch(x.to(device), cfg.augment, gen)  # clean data only: extra batches stay as given
                     if extra_iter is not None:
                         ex, ey = next(extra_iter)
-                        x, y = torch.cat([x, ex.to(x.dtype)]), torch.cat([y, ey.to(y.dtype)])
-                    x = augment_batch(x.to(device), cfg.augment, gen)
+                        x, y = torch.cat([x, ex.to(device=device, dtype=x.dtype)]), torch.cat([y, ey.to(y.dtype)])
                     y = y.to(device)
                     optimizer.zero_grad(set_to_none=True)
                     if step is not None:

@@ -170,6 +170,8 @@ def export_onnx(
         raise BadInput(f"the export target must end in .onnx (got {out.name})")
     bundle = source if isinstance(source, Bundle) else load_bundle(source)
     if bundle.quantized:
+        if cfg != ExportConfig():
+            raise BadInput("an INT8 bundle ships the QDQ graph it was quantized to: export options do not apply")
         return _export_quantized(bundle, out, head, defense)
     spec = bundle.spec
     module = Deployed(bundle.load_model(), head).eval()

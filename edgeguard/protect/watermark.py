@@ -89,6 +89,8 @@ def make_key(cfg: WatermarkConfig, input_shape: tuple[int, int, int], num_classe
         return load_trigger_dir(cfg.trigger_dir, cfg.labels, input_shape, num_classes, renderer=cfg.renderer), None
     if key_seed is None:
         key_seed = secrets.randbits(62)  # CSPRNG: the key is secret unless the owner chose the seed
+    if not 0 <= int(key_seed) < 2**63:
+        raise BadInput(f"the key seed must lie in 0..2^63-1 (got {key_seed})")
     return generate_triggers(cfg.n_triggers, input_shape, num_classes, seed=key_seed), key_seed
 
 
@@ -127,6 +129,11 @@ def embed_watermark(
     key, key_seed = make_key(cfg, spec.input_shape, spec.num_classes, key_seed)
     if key.input_shape != spec.input_shape:
         raise BadInput(f"the trigger images are {key.input_shape} but the model takes {spec.input_shape}")
+    if decision_threshold(len(key), 1.0 / spec.num_classes, cfg.alpha) > len(key):
+        raise BadInput(
+            f"{len(key)} triggers can never give a significant verdict at alpha {cfg.alpha:g} with "
+            f"{spec.num_classes} classes; use more triggers"
+        )
     if int(key.labels.max()) >= spec.num_classes:
         raise BadInput(f"trigger labels reach {int(key.labels.max())} but the model has {spec.num_classes} classes")
     data = load_data(bundle_data_config(bundle), "train")
@@ -183,6 +190,7 @@ class WatermarkVerification:
     alpha: float
     m_star: int
     verdict: str  # "present" | "absent"
+    note: str = ""
 
     @property
     def passed(self) -> bool:
@@ -232,4 +240,7 @@ def verify_watermark(runner: Runner, vault: Vault, *, alpha: float | None = None
         alpha=alpha,
         m_star=m_star,
         verdict="present" if matches >= m_star else "absent",
+        note="" if record.get("source") == "generated" else (
+            "key loaded from files: the binomial null holds only if its labels were drawn at random and the "
+            "images were never public (a published set proves nothing about ownership)"),
     )

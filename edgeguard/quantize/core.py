@@ -34,7 +34,7 @@ class PtqConfig(Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require(self.calib_samples >= 1 and self.calib_batch >= 1, "calib_samples and calib_batch must be >= 1")
+        require(self.calib_samples >= 2 and self.calib_batch >= 1, "calib_samples must be >= 2 and calib_batch >= 1")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class QatConfig(Config):
     epochs: int = 2
     lr: float = 1e-3
     batch_size: int = 64
-    freeze_observers_epoch: int = 0  # from this epoch on (1-based) observers stop updating (0: never)
+    freeze_observers_epoch: int = 0  # observers stop updating after this many epochs (0: never)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,7 +95,7 @@ class _FreezeObservers:
     def __init__(self, epoch: int):
         self.epoch = epoch
 
-    def on_epoch_start(self, state) -> None:
+    def on_epoch_end(self, state) -> None:
         if self.epoch and state.epoch + 1 >= self.epoch:
             pt2e, _ = _pt2e()
             state.model.apply(pt2e.disable_observer)
@@ -133,6 +133,27 @@ def quantize(model: torch.nn.Module, cfg: PtqConfig | QatConfig, data, *, extra=
     return handler(model, cfg, data, extra=extra)
 
 
+QDQ_MIN_AGREEMENT = 0.98  # top-1 agreement of ONNX Runtime's QDQ graph with the converted PT2E module
+
+
+def _check_qdq_graph(proto, converted: torch.fx.GraphModule, data) -> None:
+    """INT8 kernels round differently from PyTorch's reference ops, so parity is judged by top-1 on real images."""
+    import onnxruntime as ort
+
+    from edgeguard.errors import CheckFailed
+    from edgeguard.evaluate.metrics import parity_from
+
+    x, _ = data.tensors(0, min(len(data), 256))
+    with torch.no_grad():
+        ref = torch.softmax(converted(x), dim=1).numpy()
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    p = parity_from(ref, got, atol=1.0)
+    if not p.top1_agreement >= QDQ_MIN_AGREEMENT:
+        raise CheckFailed(f"the exported QDQ graph agrees with the quantized model on only {p.top1_agreement:.1%} "
+                          f"of {p.n} images (need {QDQ_MIN_AGREEMENT:.0%}); nothing was written")
+
+
 @dataclass(frozen=True)
 class QuantizeResult:
     bundle: str
@@ -164,6 +185,8 @@ def quantize_bundle(source: str | Path, out: str | Path, cfg: PtqConfig | QatCon
     base = cfg if isinstance(cfg, PtqConfig) else cfg.base
     data_cfg = DataConfig(base.calib_dataset, root=base.calib_root) if base.calib_dataset else bundle_data_config(bundle)
     data = load_data(data_cfg, "train")
+    if len(data) < 2:
+        raise BadInput(f"calibration needs at least 2 images; {data_cfg.name!r} has {len(data)}")
     if data.info.input_shape != spec.input_shape:
         raise BadInput(f"calibration images are {data.info.input_shape} but the model takes {spec.input_shape}")
     g = torch.Generator().manual_seed(base.seed)
@@ -181,6 +204,7 @@ def quantize_bundle(source: str | Path, out: str | Path, cfg: PtqConfig | QatCon
     model = bundle.load_model()
     converted = quantize(model, cfg, data, extra=extra)
     proto = to_onnx_proto(Deployed(converted), spec.input_shape, ExportConfig())
+    _check_qdq_graph(proto, converted, data)
     mode = "ptq" if isinstance(cfg, PtqConfig) else "qat"
     quant_meta = {"mode": mode, "target": base.target, "calibration": base.calibration if mode == "ptq" else "qat",
                   "calib_samples": min(len(data), base.calib_samples) if mode == "ptq" else None,

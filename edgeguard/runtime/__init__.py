@@ -53,7 +53,13 @@ def open_runner(path: str | Path, *, device: str | None = None, providers=None, 
         if bundle.quantized:  # an INT8 bundle runs its QDQ graph: the checks see what will ship
             module, cls = _BACKENDS[".onnx"]
             runner_cls = getattr(importlib.import_module(module), cls)
-            return runner_cls(Path(path) / "model.onnx", providers=providers, **kw).open()
+            onnx_path = Path(path) / "model.onnx"
+            runner = runner_cls(onnx_path, providers=providers, **kw).open()
+            want, got = bundle.manifest["files"]["model.onnx"]["sha256"], runner.info.sha256
+            if got != want or runner.info.precision != bundle.manifest["precision"]:
+                runner.close()
+                raise BadInput(f"{onnx_path} is not the graph this INT8 bundle recorded (modified while opening?)")
+            return runner
         kw["device"] = device
     elif kind == ".onnx":
         kw["providers"] = providers or (["cuda"] if device and device.startswith("cuda") else None)

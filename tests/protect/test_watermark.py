@@ -128,7 +128,11 @@ def test_removal_attacks_change_what_they_should(marked, tmp_path, mode):
     assert body_changed == mode.endswith("al")
     with open_runner(res.bundle) as r:
         v = verify_watermark(r, load_bundle(bundle).vault)  # verified as an outsider: no head restored
-    assert 0 <= v.matches <= 100
+    if mode.startswith("ft"):  # one short epoch of fine-tuning does not remove the watermark
+        assert v.verdict == "present", (mode, v.matches)
+    acc = evaluate_artifact(res.bundle, DataConfig("digits")).accuracy
+    # FT keeps a usable model; RT re-initialised the head (chance: 0.1) and 5 steps retrained it far above chance
+    assert acc >= (0.9 if mode.startswith("ft") else 0.5), (mode, acc)
 
 
 def test_freeze_bn_keeps_running_statistics(marked, tmp_path):
@@ -184,3 +188,36 @@ def test_fromscratch_mode_trains_anew_with_the_bundles_recipe(tiny_bundle, tmp_p
         v = verify_watermark(r, b.vault)
     assert v.verdict == "present" and v.n == 30
     assert evaluate_artifact(res.bundle, DataConfig("digits")).accuracy >= 0.9
+
+
+def test_keys_that_can_never_verify_or_bad_seeds_are_refused(tiny_bundle, tmp_path):
+    with pytest.raises(BadInput, match="can never give a significant verdict"):
+        embed_watermark(tiny_bundle, tmp_path / "a", WatermarkConfig(n_triggers=2), key_seed=1)
+    with pytest.raises(BadInput, match="key seed"):
+        embed_watermark(tiny_bundle, tmp_path / "b", WatermarkConfig(n_triggers=30), key_seed=2**70)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_triggers_are_not_augmented_with_the_clean_data():
+    """fit augments the clean batch only; extra (trigger) batches reach the model exactly as stored."""
+    from edgeguard.training import Mix, TensorData, TrainConfig, fit
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return torch.zeros(len(x), 3) + self.w
+
+    keys = torch.rand(4, 1, 8, 8)
+    clean = TensorData(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+    fit(Spy(), clean, TrainConfig(epochs=1, batch_size=8, augment="crop_flip"),
+        extra=Mix(TensorData(keys, torch.ones(4, dtype=torch.long)), 4))
+    batch = seen[0]
+    assert batch.shape[0] == 12
+    assert any(torch.equal(batch[8:][i], keys[j]) for i in range(4) for j in range(4))
+    assert {tuple(map(float, b.flatten()[:3])) for b in batch[8:]} == {tuple(map(float, k.flatten()[:3])) for k in keys}

@@ -119,3 +119,27 @@ def test_excluded_layers_stay_float_and_batch_stays_dynamic(marked, tmp_path):
     with open_runner(res.bundle) as r:
         for n in (1, 5, 300):
             assert r.predict(np.random.default_rng(n).random((n, 1, 32, 32), dtype=np.float32)).shape == (n, 10)
+
+
+def test_int8_bundle_integrity_and_option_errors(int8, marked, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "swapped"
+    shutil.copytree(int8["ptq_cpu"], copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    del man["files"]["model.onnx"]  # an edited manifest that no longer pins the graph
+    (copy / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BadInput, match="must list its model.onnx"):
+        open_runner(copy)
+    with pytest.raises(BadInput, match="calib_samples must be >= 2"):
+        PtqConfig(calib_samples=1)
+    from edgeguard.export import ExportConfig
+
+    with pytest.raises(BadInput, match="export options do not apply"):
+        export_bundle(int8["ptq_cpu"], tmp_path / "x.onnx", ExportConfig(opset=17))
+
+
+def test_qat_observer_freezing_after_the_first_epoch(marked, tmp_path):
+    res = quantize_bundle(marked, tmp_path / "qf", QatConfig(base=PtqConfig(target="tensorrt"), epochs=2, freeze_observers_epoch=1))
+    assert evaluate_artifact(res.bundle, DataConfig("digits")).accuracy >= 0.95
