@@ -74,22 +74,12 @@ TARGET_NOTE = (
 )
 
 
-def _name_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in CASES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown model(s) {unknown or text!r}; choose from {', '.join(CASES)}"
-        )
-    return names
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--models", type=_name_list, default=list(CASES), help="comma-separated (default smallcnn,resnet18)"
+        "--models", type=bench_runtimes.name_list(CASES), default=list(CASES), help="comma-separated (default smallcnn,resnet18)"
     )
     p.add_argument(
         "--warmup", type=int, default=3, help="untimed calls per artifact and batch size (default 3)"

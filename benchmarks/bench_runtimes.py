@@ -56,14 +56,19 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
-def _name_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in CASES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown model(s) {unknown or text!r}; choose from {', '.join(CASES)}"
-        )
-    return names
+def name_list(choices):
+    """argparse type: comma-separated names, each one of ``choices`` (shared by the benchmark scripts)."""
+
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown model(s) {unknown or text!r}; choose from {', '.join(choices)}"
+            )
+        return names
+
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--models",
-        type=_name_list,
+        type=name_list(CASES),
         default=["smallcnn", "resnet18"],
         help="comma-separated (default smallcnn,resnet18)",
     )
