@@ -6,15 +6,17 @@ the CLI renders them, progress goes to stderr.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edgeguard.bundle import ModelSpec, check_target, load_bundle, save_bundle, stage_record
+from edgeguard.bundle import Bundle, ModelSpec, check_target, load_bundle, save_bundle, stage_record
 from edgeguard.config import DataConfig, ModelConfig
 from edgeguard.data import ImageDataset, load_dataset
+from edgeguard.defenses.base import DefenseContext
 from edgeguard.errors import BadInput
 from edgeguard.evaluate import AccuracyResult, BenchConfig, BenchResult, bench_runners, evaluate_accuracy
 from edgeguard.export import ExportConfig, ExportResult, export_onnx
@@ -92,10 +94,76 @@ def evaluate_artifact(
         return evaluate_accuracy(runner, load_data(data, split), batch_size=batch_size, min_accuracy=min_accuracy)
 
 
-def export_bundle(bundle: str | Path, out: str | Path, cfg: ExportConfig | None = None) -> ExportResult:
+def default_ood(input_shape) -> DataConfig:
+    """The out-of-distribution query set used when none is named: procedural gratings at the model's input shape."""
+    c, h, _ = input_shape
+    return DataConfig("synthetic", options={"n": 500, "size": int(h), "channels": int(c), "seed": 7})
+
+
+def evaluate_defense(
+    artifact: str | Path,
+    data: DataConfig,
+    *,
+    split: str = "test",
+    ood: DataConfig | None = None,
+    bench: BenchConfig | None = None,
+    device: str | None = None,
+):
+    """Defense measurements of a defended artifact against its own undefended view (see evaluate.defense)."""
+    from edgeguard.evaluate.defense import measure_defense
+
+    with open_runner(artifact, device=device) as defended, open_runner(artifact, device=device, undefended=True) as clean:
+        if defended.info.defense == "none":
+            raise BadInput(f"{artifact} has no output defense to measure")
+        meta = getattr(getattr(defended, "inner", defended), "metadata", {}) or {}
+        record = meta.get("defense") if isinstance(meta.get("defense"), dict) else {}
+        ood_cfg = ood or default_ood(defended.info.input_shape)
+        ood_data = load_data(ood_cfg, "test")
+        return measure_defense(defended, clean, load_data(data, split), ood_data, bench=bench,
+                               params=record.get("params", {}), placement=record.get("placement", "graph"))
+
+
+def defense_context(bundle: Bundle, *, seed: int = 0, max_train: int | None = None) -> DefenseContext:
+    """What a defense may build itself from: the bundle's architecture, training data and undefended outputs."""
+    from edgeguard.protect.watermark import bundle_data_config
+
+    spec = bundle.spec
+
+    def train_images():
+        data = load_data(bundle_data_config(bundle), "train")
+        if data.info.input_shape != spec.input_shape:
+            raise BadInput(f"the bundle's training data has shape {data.info.input_shape}, the model {spec.input_shape}")
+        n = len(data) if max_train is None else min(len(data), max_train)
+        return data.tensors(0, n)
+
+    def clean_predict(x: torch.Tensor):
+        with open_runner(bundle.path) as runner:  # an INT8 bundle answers through its QDQ graph
+            return runner.predict(x)
+
+    def model_factory():
+        return spec.build()
+
+    return DefenseContext(num_classes=spec.num_classes, input_shape=tuple(spec.input_shape), train_images=train_images,
+                          clean_predict=clean_predict, model_factory=model_factory, seed=seed)
+
+
+def export_bundle(
+    bundle: str | Path,
+    out: str | Path,
+    cfg: ExportConfig | None = None,
+    *,
+    defense: str = "none",
+    defense_params: Mapping[str, Any] | None = None,
+) -> ExportResult:
+    """Export a bundle to ONNX with the named defense (built from the bundle when it needs a model or data)."""
+    from edgeguard.defenses import defense_config, make_defense
+
     if artifact_kind(bundle) != "bundle":
         raise BadInput(f"export takes a bundle folder, not {bundle}")
-    return export_onnx(load_bundle(bundle), out, cfg)
+    defense_config(defense, defense_params)  # a bad name or parameter fails before any work
+    b = load_bundle(bundle)
+    module = make_defense(defense, defense_params, defense_context(b))
+    return export_onnx(b, out, cfg, defense=module)
 
 
 @dataclass(frozen=True)

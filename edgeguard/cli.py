@@ -47,6 +47,10 @@ def _registry_names(kind: str) -> list[str]:
         from edgeguard.models import MODELS
 
         return MODELS.names()
+    if kind == "defense":
+        from edgeguard.defenses import DEFENSES
+
+        return DEFENSES.names()
     from edgeguard.data import DATASETS
 
     return DATASETS.names()
@@ -146,18 +150,48 @@ def train_cmd(dataset, data_root, data_options, arch, model_options, config_path
 @DATA_OPTION
 @SPLIT
 @click.option("--min-accuracy", type=click.FloatRange(0.0, 1.0), default=None, help="Exit 1 if accuracy is below this (0-1).")
+@click.option("--ood-dataset", default=None,
+              help="Out-of-distribution query set for defense measurements (default: synthetic gratings at the model's shape).")
+@click.option("--ood-option", "ood_options", type=KeyValue(), multiple=True, help="Option k=v of the OOD dataset (repeatable).")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Time a defended artifact against its undefended view at batch 1 and 64.")
 @DEVICE
 @SEED
 @JSON_OUT
-def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy, device, seed, json_path):
-    """Top-1 accuracy of an artifact on a dataset split, through its Runner."""
-    from edgeguard.api import evaluate_artifact
+def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy, ood_dataset, ood_options, latency, device,
+                 seed, json_path):
+    """Top-1 accuracy of an artifact on a dataset split, through its Runner.
+
+    For an artifact with an output defense it also measures the defense against the artifact's own undefended
+    view: argmax agreement, mean/max L1 on the split and on an out-of-distribution set, and latency overhead.
+    """
+    from edgeguard.api import evaluate_artifact, evaluate_defense
+    from edgeguard.config import DataConfig
+    from edgeguard.evaluate import BenchConfig
 
     data = _data_config(dataset, data_root, data_options, _default_data(artifact))
     res = evaluate_artifact(artifact, data, split=split, min_accuracy=min_accuracy, device=device)
     art = res.artifact
-    emit(res, json_path, f"accuracy {res.accuracy:.4f} ({res.correct}/{res.n}) on {res.dataset}/{res.split}: "
-                         f"{artifact} [{art['backend']} {art['precision']}, defense {art['defense']}]")
+    human = (f"accuracy {res.accuracy:.4f} ({res.correct}/{res.n}) on {res.dataset}/{res.split}: "
+             f"{artifact} [{art['backend']} {art['precision']}, defense {art['defense']}]")
+    if art["defense"] != "none":
+        ood = DataConfig(ood_dataset, options=dict(ood_options)) if ood_dataset else None
+        bench = BenchConfig(batch_sizes=(1, 64), warmup=5, iterations=60, seed=seed or 0) if latency else None
+        measured = evaluate_defense(artifact, data, split=split, ood=ood, bench=bench, device=device)
+        res = _Combined(res, {"defense_measurements": measured.to_json()})
+        human += "\n" + measured.summary()
+    emit(res, json_path, human)
+
+
+class _Combined:
+    """A result plus extra JSON sections; keeps the first result's verdict."""
+
+    def __init__(self, base: Any, extra: dict[str, Any]):
+        self.base, self.extra = base, extra
+        self.passed = getattr(base, "passed", True)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.base.to_json(), **self.extra}
 
 
 def _default_data(artifact: Path):
@@ -174,17 +208,32 @@ def _default_data(artifact: Path):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20).")
 @click.option("--max-batch", type=int, default=None, help="Upper bound of the dynamic batch axis.")
+@click.option("--defense", default="none", show_default=True,
+              help="Output defense against model extraction: " + ", ".join(_registry_names("defense")) + ".")
+@click.option("--defense-param", "defense_params", type=KeyValue(), multiple=True,
+              help="Defense parameter (repeatable), e.g. --defense-param beta=0.5.")
 @SEED
 @JSON_OUT
-def export_cmd(bundle, out, opset, max_batch, seed, json_path):
-    """Export a bundle to ONNX (probabilities out, dynamic batch, metadata, parity self-check)."""
+def export_cmd(bundle, out, opset, max_batch, defense, defense_params, seed, json_path):
+    """Export a bundle to ONNX (probabilities out, dynamic batch, metadata, parity self-check).
+
+    With --defense the defense head is fused into the graph after the logits, in FP32, for FP32 and INT8
+    bundles; host-side defenses (mad, modelguard_s online=true, modelguard_w solver=lp) write their state
+    next to the graph as MODEL.defense.pt and open_runner serves the pair.
+    """
     from edgeguard.api import export_bundle
     from edgeguard.export import ExportConfig
 
-    res = export_bundle(bundle, out, ExportConfig().replace(opset=opset, max_batch=max_batch))
+    res = export_bundle(bundle, out, ExportConfig().replace(opset=opset, max_batch=max_batch), defense=defense,
+                        defense_params=dict(defense_params))
     check = ("stored QDQ graph of the INT8 bundle" if res.self_check_max_abs_diff is None else
              f"self-check vs PyTorch: max |Δprob| {res.self_check_max_abs_diff:.2e}, "
              f"top-1 agreement {res.self_check_top1_agreement:.4f}")
+    if res.defense != "none":
+        head = (f"; head check max |Δ| {res.head_check_max_abs_diff:.2e}" if res.head_check_max_abs_diff is not None
+                else "; random head, values not compared")
+        where = f"fused in the graph ({', '.join(res.head_ops)})" if res.placement == "graph" else f"host-side, state in {res.sidecar}"
+        check += f"; defense {res.defense} {where}{head}"
     emit(res, json_path, f"wrote {res.path} ({res.bytes:,} bytes, opset {res.opset}, sha256 {res.sha256[:12]}); {check}")
 
 

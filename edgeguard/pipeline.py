@@ -113,13 +113,48 @@ class PipelineQuantizeConfig(Config):
 
 
 @dataclass(frozen=True)
+class PipelineExportConfig(Config):
+    """The export stage: ONNX options, and the output defenses to ship and compare (one ONNX file each)."""
+
+    opset: int = 20
+    max_batch: int = 4096
+    check_samples: int = 64
+    defense: tuple = ()  # DefenseSpec mappings ({name, params}) or bare names
+    defense_int8: bool = True  # also fuse each fusable defense into the INT8 graph when the quantize stage ran
+    defense_latency_iterations: int = 40  # timed calls per batch size when comparing a defense with the undefended view
+
+    def __post_init__(self) -> None:
+        from edgeguard.defenses import DefenseSpec
+
+        specs = []
+        for d in self.defense:
+            if isinstance(d, str):
+                d = {"name": d}
+            require(isinstance(d, (dict, DefenseSpec)), f"export.defense entries must be a name or {{name, params}}, got {d!r:.60}")
+            specs.append(d if isinstance(d, DefenseSpec) else DefenseSpec.from_mapping(d, what="export.defense"))
+        names = [sp.name + str(sorted(sp.params.items())) for sp in specs]
+        require(len(set(names)) == len(names), "export.defense lists the same defense twice")
+        object.__setattr__(self, "defense", tuple(specs))
+        self.export_config()  # validates opset and batch bounds
+        require(self.defense_latency_iterations >= 1, "export.defense_latency_iterations must be >= 1")
+
+    def params(self) -> dict[str, Any]:
+        out = super().params()
+        out["defense"] = [{"name": sp.name, "params": dict(sp.params)} for sp in self.defense]
+        return out
+
+    def export_config(self) -> ExportConfig:
+        return ExportConfig(opset=self.opset, max_batch=self.max_batch, check_samples=self.check_samples)
+
+
+@dataclass(frozen=True)
 class PipelineConfig(Config):
     name: str = "pipeline"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+    export: PipelineExportConfig = field(default_factory=PipelineExportConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     watermark: PipelineWatermarkConfig = field(default_factory=PipelineWatermarkConfig)
     quantize: PipelineQuantizeConfig = field(default_factory=PipelineQuantizeConfig)
@@ -190,11 +225,11 @@ def stage_quantize(ctx: Context) -> None:
 
 def stage_export(ctx: Context) -> None:
     ctx.artifacts["bundle"] = ctx.bundle
-    res = export_bundle(ctx.bundle, ctx.out / "model.onnx", ctx.cfg.export)
+    res = export_bundle(ctx.bundle, ctx.out / "model.onnx", ctx.cfg.export.export_config())
     ctx.artifacts["onnx"] = res.path
     ctx.results["export"] = {"onnx": res.to_json()}
     if ctx.int8 is not None:
-        res8 = export_bundle(ctx.int8, ctx.out / "model_int8.onnx", ctx.cfg.export)
+        res8 = export_bundle(ctx.int8, ctx.out / "model_int8.onnx", ctx.cfg.export.export_config())
         ctx.artifacts["onnx_int8"] = res8.path
         ctx.results["export"]["onnx_int8"] = res8.to_json()
 
@@ -237,6 +272,60 @@ def stage_evaluate(ctx: Context) -> None:
     ctx.results["evaluate"] = {"accuracy": acc, "parity": parity}
 
 
+def _defense_label(spec) -> str:
+    extra = ",".join(f"{k}={v}" for k, v in sorted(spec.params.items()))
+    return spec.name + (f"[{extra}]" if extra else "")
+
+
+def stage_defenses(ctx: Context) -> None:
+    """Each configured output defense: exported (fused, or host-side with its state file) on the FP32 bundle and the
+    INT8 bundle, then measured against the same artifact's undefended view on the test split and an
+    out-of-distribution set, with latency at batch 1 and 64 in the same run."""
+    e = ctx.cfg.export
+    if not e.defense:
+        return
+    from edgeguard.api import default_ood
+    from edgeguard.defenses import DEFENSES, defense_config
+    from edgeguard.evaluate.defense import measure_defense
+
+    test = load_data(ctx.cfg.data, ctx.cfg.evaluate.split)
+    rows = []
+    bench = BenchConfig(batch_sizes=(1, 64), warmup=3, iterations=e.defense_latency_iterations, seed=ctx.cfg.seed)
+    sources = [("fp32", ctx.bundle)] + ([("int8", ctx.int8)] if ctx.int8 is not None and e.defense_int8 else [])
+    folder = ctx.out / "defenses"
+    folder.mkdir(exist_ok=True)
+    for spec in e.defense:
+        label = _defense_label(spec)
+        for precision, bundle in sources:
+            if precision == "int8" and not DEFENSES.entry(spec.name).meta.get("fusable", True):
+                continue  # a host-side defense does not depend on the graph's precision
+            stem = f"{e.defense.index(spec):02d}_{spec.name}{'' if precision == 'fp32' else '_int8'}"
+            res = export_bundle(bundle, folder / f"{stem}.onnx", e.export_config(), defense=spec.name,
+                                defense_params=spec.params)
+            ood = load_data(default_ood(test.info.input_shape), "test")
+            with open_runner(res.path) as defended, open_runner(res.path, undefended=True) as clean:
+                m = measure_defense(defended, clean, test, ood, bench=bench, params=dict(spec.params), placement=res.placement)
+            keeps = _preserves_top1(spec.name, defense_config(spec.name, spec.params))
+            row = {**m.row(), "defense": label, "precision": precision, "artifact": res.path,
+                   "fusable": res.placement == "graph", "head_ops": list(res.head_ops),
+                   "head_check_max_abs_diff": res.head_check_max_abs_diff, "preserves_top1": keeps,
+                   "measurement": m.to_json()}
+            rows.append(row)
+            if keeps:
+                ctx.check(f"{label} ({precision}) keeps the top-1", m.test.agreement == 1.0,
+                          f"argmax agreement with the undefended model {m.test.agreement:.4f} on {m.test.n} test images")
+    ctx.results["defenses"] = {"rows": rows, "ood": default_ood(test.info.input_shape).to_dict()}
+
+
+def _preserves_top1(name: str, cfg) -> bool:
+    """Defenses that promise the undefended argmax by construction (the pipeline checks the promise)."""
+    if name in ("none", "topk", "modelguard_w", "modelguard_s"):
+        return True
+    if name == "mad":
+        return getattr(cfg, "oracle", "") == "argmax"
+    return bool(getattr(cfg, "top1_guard", False))
+
+
 def stage_bench(ctx: Context) -> None:
     b = ctx.cfg.bench
     if not b.enabled:
@@ -269,7 +358,7 @@ def stage_verify_watermark(ctx: Context) -> None:
 
     data = load_data(ctx.cfg.data, ctx.cfg.evaluate.split)
     rows = []
-    unmarked = export_bundle(ctx.base, ctx.out / "unmarked.onnx", ctx.cfg.export)
+    unmarked = export_bundle(ctx.base, ctx.out / "unmarked.onnx", ctx.cfg.export.export_config())
     rows.append(_watermark_row(ctx, "no watermark", unmarked.path, data))
     ctx.check("watermark absent on the unmarked model", rows[-1]["verdict"] == "absent",
               f"{rows[-1]['matches']}/{rows[-1]['n']} matches (threshold {rows[-1]['m_star']})")
@@ -285,7 +374,7 @@ def stage_verify_watermark(ctx: Context) -> None:
     for mode in a.modes:
         cfg = FinetuneConfig(mode=mode, epochs=a.epochs, lr=a.lr, data_fraction=a.data_fraction, seed=ctx.cfg.seed)
         attacked = finetune_attack(ctx.bundle, ctx.out / "attacks" / mode, cfg)
-        onnx_path = export_bundle(attacked.bundle, ctx.out / "attacks" / f"{mode}.onnx", ctx.cfg.export).path
+        onnx_path = export_bundle(attacked.bundle, ctx.out / "attacks" / f"{mode}.onnx", ctx.cfg.export.export_config()).path
         rows.append(_watermark_row(ctx, f"after {mode.upper()}", onnx_path, data))
     ctx.results["watermark"] = {"rows": rows, "attack": a.to_dict()}
 
@@ -297,6 +386,7 @@ STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("export", stage_export),
     ("evaluate", stage_evaluate),
     ("verify", stage_verify_watermark),
+    ("defenses", stage_defenses),
     ("bench", stage_bench),
 ]
 

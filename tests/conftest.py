@@ -55,3 +55,12 @@ def digits_test():
     from edgeguard.data import load_dataset
 
     return load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8(tiny_bundle, tmp_path_factory):
+    """The tiny bundle quantized to INT8 (PTQ, TensorRT-style symmetric), its QDQ graph inside."""
+    from edgeguard.quantize import PtqConfig, quantize_bundle
+
+    out = tmp_path_factory.mktemp("tiny_int8") / "int8"
+    return quantize_bundle(tiny_bundle, out, PtqConfig(target="tensorrt", calib_samples=256)).bundle

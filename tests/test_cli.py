@@ -613,3 +613,66 @@ def test_verify_several_artifacts_applies_bonferroni(tiny_bundle, tiny_onnx, tmp
     main(["verify", str(marked), str(tiny_onnx), "--json", str(tmp_path / "v.json")])
     res = json.loads((tmp_path / "v.json").read_text())["results"]
     assert [r["watermark"]["alpha"] for r in res] == [pytest.approx(1e-3 / 2)] * 2
+
+
+# --- output defenses (issue 5) -------------------------------------------------------------------------
+
+
+def test_export_with_a_fused_defense_and_evaluate_measures_it(capsys, tmp_path, tiny_bundle):
+    out, j = tmp_path / "d.onnx", tmp_path / "d.json"
+    rc, stdout, err = run(capsys, "export", tiny_bundle, "--out", out, "--defense", "heuristic",
+                          "--defense-param", "beta=0.6", "--json", j)
+    assert rc == 0, err
+    res = load(j)
+    assert res["defense"] == "heuristic" and res["placement"] == "graph" and res["head_check_max_abs_diff"] <= 1e-4
+    assert "Sigmoid" in res["head_ops"] and "fused in the graph" in stdout
+    rc, stdout, err = run(capsys, "evaluate", out, "--dataset", "digits", "--no-latency", "--json", tmp_path / "e.json")
+    assert rc == 0, err
+    m = load(tmp_path / "e.json")["defense_measurements"]
+    assert m["defense"] == "heuristic" and m["params"]["beta"] == 0.6
+    assert m["test"]["agreement"] == 1.0 and m["test"]["accuracy"] == m["test"]["clean_accuracy"]
+    assert m["ood"]["n"] == 500 and m["ood"]["l1_mean"] > 0
+    assert "argmax agreement 1.0000" in stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--defense", "nope"], "unknown defense 'nope'"),
+        (["--defense", "heuristic", "--defense-param", "beta=-1"], "beta must lie in [0, 10]"),
+        (["--defense", "adaptive_misinformation", "--defense-param", "tau=1.5"], "tau must lie in [0, 1]"),
+        (["--defense", "reverse_sigmoid", "--defense-param", "epsilon=1"], "unknown parameter 'epsilon'"),
+        (["--defense", "heuristic", "--defense-param", "beta=lots"], "must be a float"),
+        (["--defense", "none", "--defense-param", "beta=1"], "takes no parameters"),
+        (["--defense", "topk", "--defense-param", "k=11"], "exceeds the model's 10 classes"),
+    ],
+)
+def test_export_bad_defense_input_is_exit_2_and_writes_nothing(capsys, tmp_path, tiny_bundle, args, needle):
+    out = tmp_path / "x.onnx"
+    rc, _, err = run(capsys, "export", tiny_bundle, "--out", out, *args)
+    assert needle in user_error(rc, err)
+    assert not out.exists() and not out.with_suffix(".defense.pt").exists()
+
+
+def test_pipeline_defense_table(capsys, tmp_path):
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(TINY_PIPELINE.format(min_accuracy=0.0, extra="")
+                   + "export:\n  defense_latency_iterations: 2\n  defense: [heuristic, {name: topk, params: {k: 1}}]\n")
+    out = tmp_path / "run"
+    rc, stdout, err = run(capsys, "pipeline", "--config", cfg, "--out", out)
+    assert rc == 0, err
+    rep = load(out / "report.json")
+    rows = rep["results"]["defenses"]["rows"]
+    assert [r["defense"] for r in rows] == ["heuristic", "topk[k=1]"]
+    assert all(r["agreement"] == 1.0 and r["fusable"] and r["latency_ratio_b1"] > 0 for r in rows)
+    assert {"heuristic (fp32) keeps the top-1", "topk[k=1] (fp32) keeps the top-1"} <= {c["name"] for c in rep["checks"]}
+    md = (out / "report.md").read_text()
+    assert "## Output defenses against model extraction" in md and "| topk[k=1] | fp32 | graph |" in md
+
+
+def test_pipeline_rejects_a_bad_defense_before_any_work(capsys, tmp_path):
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("export:\n  defense: [{name: heuristic, params: {beta: -2}}]\n")
+    rc, _, err = run(capsys, "pipeline", "--config", cfg, "--out", tmp_path / "run")
+    assert "beta" in user_error(rc, err)
+    assert not (tmp_path / "run").exists()

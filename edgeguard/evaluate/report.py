@@ -70,6 +70,22 @@ def render_markdown(report: dict[str, Any]) -> str:
                  f"{r['p_value']:.2e}", r["m_star"], r["verdict"]] for r in res["watermark"]["rows"]]
         out += [_table(["model", "clean accuracy", "trigger matches", "trigger accuracy", "p-value", "threshold m*", "verdict"],
                        rows, "lrrrrrl"), ""]
+    if "defenses" in res:
+        d = res["defenses"]
+        ood = d["ood"]["params"]
+        out += ["## Output defenses against model extraction (each artifact against its own undefended view)", ""]
+        out += [f"Accuracy and argmax agreement on the {res.get('evaluate', {}).get('accuracy', {}).get('bundle', {}).get('split', 'test')} "
+                f"split; L1 = |defended - undefended| summed over classes, mean (max) per query; OOD = {ood['name']} "
+                f"{ood['options']}; latency ratio = defended p50 / undefended p50 in the same run.", ""]
+        rows = []
+        for r in d["rows"]:
+            rows.append([r["defense"], r["precision"], "graph" if r["fusable"] else "host",
+                         f"{r['accuracy']:.4f}", f"{r['agreement']:.4f}", f"{r['l1_mean']:.4f} ({r['l1_max']:.3f})",
+                         f"{r['ood_l1_mean']:.4f}" if r["ood_l1_mean"] is not None else "-",
+                         f"{r['ood_agreement']:.4f}" if r["ood_agreement"] is not None else "-",
+                         f"{r.get('latency_ratio_b1', float('nan')):.3f}", f"{r.get('latency_ratio_b64', float('nan')):.3f}"])
+        out += [_table(["defense", "model", "runs in", "accuracy", "argmax agreement", "L1 test", "L1 OOD", "OOD agreement",
+                        "latency x (b1)", "latency x (b64)"], rows, "lllrrrrrrr"), ""]
     if "bench" in res:
         b = res["bench"]
         m = b["machine"]

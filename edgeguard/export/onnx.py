@@ -1,8 +1,10 @@
-"""FP32 ONNX export: output = probabilities (softmax, later the defense head, inside the graph),
-dynamic batch axis, edgeguard metadata, ``onnx.checker`` (full check), written atomically.
+"""ONNX export: output = probabilities (softmax or a defense head, inside the graph), dynamic batch
+axis, edgeguard metadata, ``onnx.checker`` (full check), written atomically.
 
-Before anything is written, the graph is run in ONNX Runtime on a seeded batch and compared with
-PyTorch; a mismatch raises :class:`CheckFailed` and leaves no file behind.
+The backbone (FP32 from PyTorch, or the stored QDQ graph of an INT8 bundle) is cut at its logits and the
+defense head is grafted on in FP32 (:mod:`edgeguard.export.heads`).  Before anything is written the graph runs
+in ONNX Runtime on a seeded batch: the backbone's softmax is compared with PyTorch (FP32) and the head with its
+PyTorch module on the graph's own logits; a mismatch raises :class:`CheckFailed` and leaves no file behind.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,10 +64,17 @@ class ExportResult:
     source_sha256: str
     self_check_max_abs_diff: float | None
     self_check_top1_agreement: float | None
+    defense: str = "none"
+    placement: str = "graph"
+    head_ops: tuple[str, ...] = ()
+    head_check_max_abs_diff: float | None = None  # fused head vs its PyTorch module on the graph's own logits
+    sidecar: str | None = None  # host-side defense state, next to the graph
     passed: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["head_ops"] = list(self.head_ops)
+        return d
 
 
 def _quiet_exporter():
@@ -97,18 +107,6 @@ def to_onnx_proto(module: nn.Module, input_shape: tuple[int, ...], cfg: ExportCo
     return program.model_proto
 
 
-def self_check(proto, module: nn.Module, input_shape: tuple[int, ...], n: int, seed: int = 0) -> ParityResult:
-    """ONNX Runtime vs PyTorch on ``n`` seeded inputs, before the graph is written anywhere."""
-    import onnxruntime as ort
-
-    x = torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ref = module.eval()(x).numpy()
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    return parity_from(ref, got, atol=PARITY_ATOL, a="pytorch", b="onnxruntime")
-
-
 def finalize_onnx(proto, bundle: Bundle, *, precision: str = "fp32", defense=None, quantization=None):
     """Write edgeguard metadata into ``proto`` and run ``onnx.checker`` (full check)."""
     import onnx
@@ -139,18 +137,47 @@ def finalize_onnx(proto, bundle: Bundle, *, precision: str = "fp32", defense=Non
     return proto
 
 
-def _export_quantized(bundle: Bundle, out: Path, head, defense) -> ExportResult:
-    """An INT8 bundle ships its stored QDQ graph, re-stamped with this bundle as the source."""
-    import onnx
+HEAD_ATOL = 1e-4  # fused head vs its PyTorch module on the same logits (the ν=1000 gate amplifies softmax rounding)
 
-    if head is not None:
-        raise BadInput("defense heads for INT8 bundles are appended to the QDQ graph (not available yet)")
-    proto = onnx.load(str(bundle.path / "model.onnx"))
-    quant = dict(bundle.manifest.get("quantization", {}))
-    proto = finalize_onnx(proto, bundle, precision=bundle.manifest["precision"], defense=defense, quantization=quant)
-    atomic_write(out, lambda t: onnx.save_model(proto, str(t)))
-    return ExportResult(path=str(out), sha256=sha256_file(out), bytes=out.stat().st_size, opset=proto.opset_import[0].version,
-                        source_sha256=bundle.sha256, self_check_max_abs_diff=None, self_check_top1_agreement=None)
+
+def sidecar_path(out: Path) -> Path:
+    """Where a host-side defense keeps its state, next to the graph: ``model.onnx`` -> ``model.defense.pt``."""
+    return out.with_suffix(".defense.pt")
+
+
+def _check_inputs(input_shape: tuple[int, ...], n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _head_check(proto, defense, x: torch.Tensor) -> tuple[ParityResult, np.ndarray]:
+    """Run the defended graph with its logits exposed; compare the head with the PyTorch defense on those logits."""
+    import onnxruntime as ort
+
+    from edgeguard.export.heads import with_logits_output
+
+    sess = ort.InferenceSession(with_logits_output(proto).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x.numpy()}), strict=True))
+    logits = outs["logits"]
+    with torch.no_grad():
+        ref = defense(torch.from_numpy(logits), x).numpy()
+    return parity_from(ref, outs[OUTPUT_NAME], atol=HEAD_ATOL, a="pytorch head", b="onnxruntime head"), logits
+
+
+def _write_sidecar(path: Path, defense, bundle: Bundle) -> str:
+    spec = bundle.spec
+    record = {
+        "format": "edgeguard-host-defense",
+        "version": 1,
+        "name": defense.name,
+        "params": defense.cfg.params() if defense.cfg is not None else {},
+        "num_classes": defense.num_classes,
+        "model": {"arch": spec.arch, "num_classes": spec.num_classes, "in_channels": spec.input_shape[0],
+                  "mean": list(spec.mean), "std": list(spec.std), "options": dict(spec.options)},
+        "state": {k: v.detach().cpu().clone() for k, v in defense.state_dict().items()},
+    }
+    atomic_write(path, lambda t: torch.save(record, str(t)))
+    return sha256_file(path)
 
 
 def export_onnx(
@@ -158,42 +185,101 @@ def export_onnx(
     out: str | Path,
     cfg: ExportConfig | None = None,
     *,
-    head: nn.Module | None = None,
-    defense: dict[str, Any] | None = None,
+    defense=None,
 ) -> ExportResult:
-    """Export a bundle to ``out`` (.onnx).  ``head`` maps logits to probabilities (default softmax)."""
+    """Export a bundle to ``out`` (.onnx) with ``defense`` (a built :class:`~edgeguard.defenses.Defense`; default
+    ``none``) as the output head.
+
+    Fusable defenses are appended in FP32 after the logits, for FP32 bundles and for the QDQ graph of INT8 bundles
+    alike.  A host-side defense ships the undefended graph plus its state in ``model.defense.pt``; ``open_runner``
+    serves the pair through :class:`~edgeguard.runtime.defended.HostDefenseRunner`.
+    """
     import onnx
+
+    from edgeguard.defenses.none import NoDefense
+    from edgeguard.export.heads import LOGITS, check_head, expose_logits, graft_head, head_proto
 
     cfg = cfg or ExportConfig()
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise BadInput(f"the export target must end in .onnx (got {out.name})")
     bundle = source if isinstance(source, Bundle) else load_bundle(source)
+    spec = bundle.spec
+    defense = defense if defense is not None else NoDefense(None, spec.num_classes)
+    if defense.num_classes != spec.num_classes:
+        raise BadInput(f"the {defense.name} defense was built for {defense.num_classes} classes, the model has {spec.num_classes}")
+    quant = None
+    model = None
     if bundle.quantized:
         if cfg != ExportConfig():
             raise BadInput("an INT8 bundle ships the QDQ graph it was quantized to: export options do not apply")
-        return _export_quantized(bundle, out, head, defense)
-    spec = bundle.spec
-    module = Deployed(bundle.load_model(), head).eval()
-    proto = to_onnx_proto(module, spec.input_shape, cfg)
+        stored = onnx.load(str(bundle.path / "model.onnx"))
+        backbone = expose_logits(stored)
+        precision = bundle.manifest["precision"]
+        quant = dict(bundle.manifest.get("quantization", {}))
+        opset = next(o.version for o in stored.opset_import if o.domain in ("", "ai.onnx"))
+    else:
+        model = bundle.load_model().eval()
+        backbone = expose_logits(to_onnx_proto(Deployed(model), spec.input_shape, cfg))
+        precision, opset = "fp32", cfg.opset
+    head_module = defense if defense.fusable else NoDefense(None, spec.num_classes)
+    head = head_proto(head_module, spec.input_shape, opset, cfg.max_batch)
+    proto = graft_head(backbone, head, backbone.graph.input[0].name)
+    network_ops = frozenset(n.op_type for n in backbone.graph.node) if head_module.needs_input else frozenset()
+    ops = check_head(proto, allow_random=head_module.is_random(), network_ops=network_ops)
+    record = {**defense.describe(), "logits": LOGITS, "head_ops": ops}
+    sidecar = sidecar_path(out)
+    if not defense.fusable:
+        record["sidecar"] = sidecar.name
+        record["sidecar_sha256"] = None  # filled in below, once the state file is written
+    proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant)
 
-    proto = finalize_onnx(proto, bundle, defense=defense)
-    diff = agree = None
-    if cfg.check_samples:
-        parity = self_check(proto, module, spec.input_shape, cfg.check_samples)
-        diff, agree = parity.max_abs_diff, parity.top1_agreement
-        if not parity.passed:  # NaN compares false, so a broken model fails here too
-            raise CheckFailed(
-                f"ONNX Runtime disagrees with PyTorch on the exported graph (max |Δprob| {diff:.2e}, "
-                f"top-1 agreement {agree:.4f}); nothing was written"
-            )
-    atomic_write(out, lambda t: onnx.save_model(proto, str(t)))
+    diff = agree = head_diff = None
+    n = cfg.check_samples
+    if n:
+        x = _check_inputs(spec.input_shape, n)
+        if not head_module.is_random():
+            head_parity, logits = _head_check(proto, head_module, x)
+            head_diff = head_parity.max_abs_diff
+            if not head_parity.passed:
+                raise CheckFailed(f"ONNX Runtime disagrees with PyTorch on the {defense.name} head "
+                                  f"(max |Δ| {head_diff:.2e} > {HEAD_ATOL:g}); nothing was written")
+        else:
+            _, logits = _head_check(proto, NoDefense(None, spec.num_classes), x)
+        if model is not None:  # FP32 backbone: its softmax must match PyTorch as before
+            with torch.no_grad():
+                ref = torch.softmax(model(x), dim=1).numpy()
+            got = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+            parity = parity_from(ref, got, atol=PARITY_ATOL, a="pytorch", b="onnxruntime")
+            diff, agree = parity.max_abs_diff, parity.top1_agreement
+            if not parity.passed:  # NaN compares false, so a broken model fails here too
+                raise CheckFailed(
+                    f"ONNX Runtime disagrees with PyTorch on the exported graph (max |Δprob| {diff:.2e}, "
+                    f"top-1 agreement {agree:.4f}); nothing was written"
+                )
+    written_sidecar = None
+    if not defense.fusable:
+        written_sidecar = str(sidecar)
+        digest = _write_sidecar(sidecar, defense, bundle)
+        record["sidecar_sha256"] = digest
+        proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant)
+    try:
+        atomic_write(out, lambda t: onnx.save_model(proto, str(t)))
+    except BaseException:
+        if written_sidecar:
+            Path(written_sidecar).unlink(missing_ok=True)
+        raise
     return ExportResult(
         path=str(out),
         sha256=sha256_file(out),
         bytes=out.stat().st_size,
-        opset=cfg.opset,
+        opset=opset,
         source_sha256=bundle.sha256,
         self_check_max_abs_diff=diff,
         self_check_top1_agreement=agree,
+        defense=defense.name,
+        placement=defense.placement,
+        head_ops=tuple(record["head_ops"]),
+        head_check_max_abs_diff=head_diff,
+        sidecar=written_sidecar,
     )

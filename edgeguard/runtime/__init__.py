@@ -36,8 +36,19 @@ def artifact_kind(path: str | Path) -> str:
     raise BadInput(f"cannot open {p}: expected a bundle folder, a .onnx file or a .engine file")
 
 
-def open_runner(path: str | Path, *, device: str | None = None, providers=None, batch_size: int | None = None) -> Runner:
-    """Open an artifact for prediction; the returned runner is already activated."""
+def open_runner(
+    path: str | Path,
+    *,
+    device: str | None = None,
+    providers=None,
+    batch_size: int | None = None,
+    undefended: bool = False,
+) -> Runner:
+    """Open an artifact for prediction; the returned runner is already activated.
+
+    An ONNX graph exported with a host-side defense comes back wrapped in a :class:`HostDefenseRunner`.
+    ``undefended=True`` gives the same graph without its defense (``softmax(logits)``), for measurements.
+    """
     kind = artifact_kind(path)
     if device is not None:
         from edgeguard.training import resolve_device
@@ -63,6 +74,20 @@ def open_runner(path: str | Path, *, device: str | None = None, providers=None, 
         kw["device"] = device
     elif kind == ".onnx":
         kw["providers"] = providers or (["cuda"] if device and device.startswith("cuda") else None)
+        runner = runner_cls(path, undefended=undefended, **kw).open()
+        record = runner.metadata.get("defense")
+        if isinstance(record, dict) and record.get("placement") == "host":
+            if undefended:
+                return runner
+            from edgeguard.runtime.defended import HostDefenseRunner, load_host_defense
+
+            try:
+                defense = load_host_defense(Path(path), record)
+            except BaseException:
+                runner.close()
+                raise
+            return HostDefenseRunner(runner, defense).open()
+        return runner
     return runner_cls(path, **kw).open()
 
 

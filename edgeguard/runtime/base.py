@@ -52,11 +52,13 @@ class Runner:
         self.path = Path(path)
         self.batch_size = int(batch_size)
         self._info: RunnerInfo | None = None
+        self.flagged = 0  # rows a defense flagged (e.g. ModelGuard-S codebook misses) since the runner opened
 
     # --- public, final ---------------------------------------------------------------------------
     def open(self) -> Runner:
         if self._info is None:
             self._info = self._open_impl()
+            self.flagged = 0
         return self
 
     def close(self) -> None:

@@ -37,10 +37,12 @@ def resolve_providers(providers) -> list[str]:
 class OrtRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path, *, providers=None, threads: int | None = None, **kw):
+    def __init__(self, path, *, providers=None, threads: int | None = None, undefended: bool = False, **kw):
         super().__init__(path, **kw)
         self.providers = providers
         self.threads = threads
+        self.undefended = undefended  # cut a fused defense head off: softmax(logits) of the same graph
+        self.metadata: dict = {}
 
     def _open_impl(self) -> RunnerInfo:
         try:
@@ -54,8 +56,11 @@ class OrtRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
         providers = resolve_providers(self.providers)
+        source = str(self.path)
+        if self.undefended:
+            source = self._clean_graph()
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+            self._session = ort.InferenceSession(source, sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInput(f"{self.path} is not a valid ONNX model ({first[:200]})") from None
@@ -63,7 +68,10 @@ class OrtRunner(Runner):
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise BadInput(f"{self.path} must have one N x C x H x W image input, found {[i.shape for i in inputs]}")
         self._input = inputs[0].name
+        names = [o.name for o in outputs]
+        self._outputs = [names[0]] + (["defense_flag"] if "defense_flag" in names else [])
         meta = decode(self._session.get_modelmeta().custom_metadata_map)
+        self.metadata = meta
         shape = tuple(d if isinstance(d, int) else None for d in inputs[0].shape[1:])
         if "input_shape" in meta:
             shape = tuple(meta["input_shape"])
@@ -74,6 +82,8 @@ class OrtRunner(Runner):
         # An artifact without edgeguard metadata may output logits; decide once, from the graph.
         self._softmax = meta.get("output", "") != "probabilities" and not self._ends_in_softmax()
         defense = meta.get("defense", {"name": "none"})
+        if self.undefended:
+            defense = {"name": "none"}
         return RunnerInfo(
             backend=self.backend,
             precision=meta.get("precision") or self._detect_precision(),
@@ -96,6 +106,20 @@ class OrtRunner(Runner):
 
         return onnx.load(str(self.path), load_external_data=False).graph
 
+    def _clean_graph(self) -> bytes:
+        import onnx
+
+        from edgeguard.export.heads import clean_view
+
+        try:
+            proto = onnx.load(str(self.path), load_external_data=False)
+        except Exception as e:
+            raise BadInput(f"{self.path} is not a valid ONNX model ({type(e).__name__})") from None
+        record = decode({p.key: p.value for p in proto.metadata_props}).get("defense") or {}
+        if not isinstance(record, dict) or "logits" not in record:
+            raise BadInput(f"{self.path} records no defense head, so it has no undefended view")
+        return clean_view(proto, record["logits"]).SerializeToString()
+
     def _ends_in_softmax(self) -> bool:
         g = self._graph()
         out = g.output[0].name
@@ -106,7 +130,10 @@ class OrtRunner(Runner):
         return "int8" if "QuantizeLinear" in ops or "DequantizeLinear" in ops else "fp32"
 
     def _predict_impl(self, x: np.ndarray) -> np.ndarray:
-        out = self._session.run(None, {self._input: x})[0]
+        outs = self._session.run(self._outputs, {self._input: x})
+        out = outs[0]
+        if len(outs) > 1:
+            self.flagged += int(np.count_nonzero(outs[1]))
         if self._softmax:
             z = out - out.max(axis=1, keepdims=True)
             e = np.exp(z)
