@@ -65,13 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def _label(name: str, params: dict[str, Any]) -> str:
-    return name + ("[" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + "]" if params else "")
-
-
 def part_trained(work: Path, iterations: int, quick: bool) -> dict[str, Any]:
     from edgeguard.api import default_ood, export_bundle, load_data, train_bundle
     from edgeguard.config import DataConfig, ModelConfig
+    from edgeguard.defenses import defense_label
     from edgeguard.evaluate import BenchConfig
     from edgeguard.evaluate.defense import measure_defense
     from edgeguard.runtime import open_runner
@@ -89,7 +86,7 @@ def part_trained(work: Path, iterations: int, quick: bool) -> dict[str, Any]:
         build_s = time.perf_counter() - t0
         with open_runner(res.path) as defended, open_runner(res.path, undefended=True) as clean:
             m = measure_defense(defended, clean, test, ood, bench=bench, params=params, placement=res.placement)
-        rows.append({**m.row(), "defense": _label(name, params), "build_and_export_s": round(build_s, 2)})
+        rows.append({**m.row(), "defense": defense_label(name, params), "build_and_export_s": round(build_s, 2)})
         print(f"  measured {rows[-1]['defense']}", file=sys.stderr)
     return {"model": "smallcnn on digits", "rows": rows}
 

@@ -231,7 +231,7 @@ def export_cmd(bundle, out, opset, max_batch, defense, defense_params, seed, jso
              f"top-1 agreement {res.self_check_top1_agreement:.4f}")
     if res.defense != "none":
         head = (f"; head check max |Δ| {res.head_check_max_abs_diff:.2e}" if res.head_check_max_abs_diff is not None
-                else "; random head, values not compared")
+                else "; random head, values not compared" if res.placement == "graph" else "")
         where = f"fused in the graph ({', '.join(res.head_ops)})" if res.placement == "graph" else f"host-side, state in {res.sidecar}"
         check += f"; defense {res.defense} {where}{head}"
     emit(res, json_path, f"wrote {res.path} ({res.bytes:,} bytes, opset {res.opset}, sha256 {res.sha256[:12]}); {check}")

@@ -272,11 +272,6 @@ def stage_evaluate(ctx: Context) -> None:
     ctx.results["evaluate"] = {"accuracy": acc, "parity": parity}
 
 
-def _defense_label(spec) -> str:
-    extra = ",".join(f"{k}={v}" for k, v in sorted(spec.params.items()))
-    return spec.name + (f"[{extra}]" if extra else "")
-
-
 def stage_defenses(ctx: Context) -> None:
     """Each configured output defense: exported (fused, or host-side with its state file) on the FP32 bundle and the
     INT8 bundle, then measured against the same artifact's undefended view on the test split and an
@@ -285,7 +280,7 @@ def stage_defenses(ctx: Context) -> None:
     if not e.defense:
         return
     from edgeguard.api import default_ood
-    from edgeguard.defenses import DEFENSES, defense_config
+    from edgeguard.defenses import defense_config, defense_label
     from edgeguard.evaluate.defense import measure_defense
 
     test = load_data(ctx.cfg.data, ctx.cfg.evaluate.split)
@@ -294,15 +289,18 @@ def stage_defenses(ctx: Context) -> None:
     sources = [("fp32", ctx.bundle)] + ([("int8", ctx.int8)] if ctx.int8 is not None and e.defense_int8 else [])
     folder = ctx.out / "defenses"
     folder.mkdir(exist_ok=True)
+    ood_cfg = default_ood(test.info.input_shape)
+    ood = load_data(ood_cfg, "test")
     for spec in e.defense:
-        label = _defense_label(spec)
+        label = defense_label(spec.name, spec.params)
+        host = False
         for precision, bundle in sources:
-            if precision == "int8" and not DEFENSES.entry(spec.name).meta.get("fusable", True):
+            if precision == "int8" and host:
                 continue  # a host-side defense does not depend on the graph's precision
             stem = f"{e.defense.index(spec):02d}_{spec.name}{'' if precision == 'fp32' else '_int8'}"
             res = export_bundle(bundle, folder / f"{stem}.onnx", e.export_config(), defense=spec.name,
                                 defense_params=spec.params)
-            ood = load_data(default_ood(test.info.input_shape), "test")
+            host = res.placement == "host"
             with open_runner(res.path) as defended, open_runner(res.path, undefended=True) as clean:
                 m = measure_defense(defended, clean, test, ood, bench=bench, params=dict(spec.params), placement=res.placement)
             keeps = _preserves_top1(spec.name, defense_config(spec.name, spec.params))
@@ -314,7 +312,7 @@ def stage_defenses(ctx: Context) -> None:
             if keeps:
                 ctx.check(f"{label} ({precision}) keeps the top-1", m.test.agreement == 1.0,
                           f"argmax agreement with the undefended model {m.test.agreement:.4f} on {m.test.n} test images")
-    ctx.results["defenses"] = {"rows": rows, "ood": default_ood(test.info.input_shape).to_dict()}
+    ctx.results["defenses"] = {"rows": rows, "ood": ood_cfg.to_dict()}
 
 
 def _preserves_top1(name: str, cfg) -> bool:

@@ -38,10 +38,16 @@ def defense_config(name: str, params: Mapping[str, Any] | None = None):
     return DEFENSES.config_from(name, dict(params or {}))
 
 
+def defense_label(name: str, params: Mapping[str, Any] | None = None) -> str:
+    """``heuristic[top1_guard=False]``: a defense and its non-default parameters, for tables."""
+    params = dict(params or {})
+    return name + ("[" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + "]" if params else "")
+
+
 def make_defense(name: str, params: Mapping[str, Any] | None, ctx: DefenseContext) -> Defense:
     cfg = defense_config(name, params)
     module = DEFENSES.get(name)(cfg, ctx)
     return module.eval()
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseSpec", "defense_config", "make_defense"]
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseSpec", "defense_config", "defense_label", "make_defense"]

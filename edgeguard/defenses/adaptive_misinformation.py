@@ -35,6 +35,7 @@ class AdaptiveMisinformationConfig(Config):
     def __post_init__(self) -> None:
         require(0.0 <= self.tau <= 1.0, f"adaptive_misinformation tau must lie in [0, 1] (got {self.tau})")
         require(0.0 < self.nu <= 1e5, f"adaptive_misinformation nu must lie in (0, 100000] (got {self.nu})")
+        require(0 <= self.seed < 2**31, f"adaptive_misinformation seed must lie in [0, 2^31) (got {self.seed})")
         require(self.epochs >= 1 and self.lr > 0 and self.batch_size >= 1,
                 "adaptive_misinformation epochs, lr and batch_size must be positive")
 

@@ -11,7 +11,10 @@
   of ``n`` is approximately N(0, 1) across queries, while a repeated query gets the same answer (nothing to
   average away) and PyTorch and ONNX Runtime agree to float rounding (used by the parity tests).
 
-``top1_guard`` optionally restores the argmax.  The seed is secret: it never reaches the metadata.
+``top1_guard`` optionally restores the argmax.  The seed is left out of the artifact's metadata, but it is
+in the graph itself (the random node's ``seed`` attribute, or the key matrix ``R`` as an initializer), like
+every other weight: output perturbation protects an API, not a file someone holds (spec pitfall 12).
+A fresh ONNX Runtime session replays the same noise sequence.
 """
 
 from __future__ import annotations

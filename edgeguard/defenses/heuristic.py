@@ -42,6 +42,8 @@ class HeuristicConfig(Config):
         require(0.0 <= self.beta <= 10.0, f"heuristic beta must lie in [0, 10] (got {self.beta})")
         require(self.gamma is None or 0.0 < self.gamma <= 10.0, f"heuristic gamma must lie in (0, 10] (got {self.gamma})")
         require(0.0 < self.nu <= 1e5, f"heuristic nu must lie in (0, 100000] (got {self.nu})")
+        require(self.mode == "reference" or self.beta <= 2.0,
+                f"heuristic beta must be at most 2 in textbook mode, where larger values make entries negative (got {self.beta})")
 
     def slope(self, num_classes: int) -> float:
         return self.gamma if self.gamma is not None else (0.1 if num_classes >= 100 else 0.2)

@@ -89,7 +89,8 @@ class MadConfig(Config):
         require(self.oracle in ("argmax", "extreme"), f"mad oracle must be argmax or extreme (got {self.oracle!r})")
         require(self.jacobian in ("autograd", "closed_form"),
                 f"mad jacobian must be autograd or closed_form (got {self.jacobian!r})")
-        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"mad seed must be an integer (got {self.seed!r})")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**31,
+                f"mad seed must be an integer in [0, 2^31) (got {self.seed!r})")
 
 
 # --- pieces shared with the tests -------------------------------------------------------------------------

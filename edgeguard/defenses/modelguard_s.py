@@ -61,13 +61,16 @@ _BIG = 8.0  # larger than any L1 distance between probability vectors (<= 2)
 @dataclass(frozen=True)
 class ModelGuardSConfig(Config):
     epsilon: float = 1.0  # L1 distortion budget per query
-    assign: Literal["nearest", "first"] = "nearest"  # nearest codeword within eps, or the paper's first fit
+    assign: Literal["nearest", "first"] | None = None  # default: nearest (frozen), first fit (online, the paper's)
     online: bool = False  # host-side growing codebooks (the paper's setting) instead of a fused frozen one
     max_samples: int = 20000  # training images whose outputs build the codebook (seeded subset)
     max_codewords: int = 256  # per class, offline build only
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.assign is None:  # online answers stay consistent only with first fit (spec 3.2)
+            object.__setattr__(self, "assign", "first" if self.online else "nearest")
+        require(0 <= self.seed < 2**31, f"modelguard_s seed must lie in [0, 2^31) (got {self.seed})")
         require(0.0 < self.epsilon <= 2.0,
                 f"modelguard_s epsilon must lie in (0, 2], the L1 range of probability vectors (got {self.epsilon})")
         require(self.max_samples >= 1, f"modelguard_s max_samples must be at least 1 (got {self.max_samples})")

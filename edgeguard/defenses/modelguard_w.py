@@ -27,7 +27,8 @@ Two solvers give the same optimum (the LP is often degenerate: the objective agr
   as in the official code (5-20 ms per query); needs the ``lp`` extra.
 
 Defaults: ``epsilon=1.0`` (the value of every script of the paper), ``margin=1e-4`` (hard-coded there),
-``solver="sort"``, ``grid=64``, ``refinements=4`` (final bracket ``2 * eps / 63**5``, about 1e-9).
+``solver="sort"``, ``grid=16``, ``refinements=8`` (final bracket ``2 * eps / 15**9``, about 5e-11; 144 evaluations
+of t per query, which measured 2-4x faster batched than 64 x 5 rounds at the same optimum).
 
 Fallback (both solvers): a row whose top-2 gap is below ``margin`` (``y`` itself violates the margin
 constraint) comes back unchanged, ``y' = y``, and so does a row whose LP CBC does not report optimal.  The
@@ -55,8 +56,8 @@ _INFEASIBLE = 1e4  # cost of a candidate t that admits no feasible y' (f itself 
 class ModelGuardWConfig(Config):
     epsilon: float = 1.0  # L1 budget ||y' - y||_1 <= epsilon
     solver: Literal["sort", "lp"] = "sort"  # exact torch solver (fusable) or PuLP/CBC on the host
-    grid: int = 64  # candidate values of t = y'_k* per search round (sort solver)
-    refinements: int = 4  # re-gridding rounds around the best t (sort solver)
+    grid: int = 16  # candidate values of t = y'_k* per search round (sort solver)
+    refinements: int = 8  # re-gridding rounds around the best t (sort solver)
     margin: float = 1e-4  # argmax margin y'_k* - y'_j >= margin
 
     def __post_init__(self) -> None:
@@ -138,7 +139,7 @@ def _solve_fixed_t(rest: torch.Tensor, c_rest: torch.Tensor, yk: torch.Tensor, c
     return new_rest, cost, slope, bad
 
 
-def solve_sort(p: torch.Tensor, eps: float, margin: float = 1e-4, grid: int = 64, refinements: int = 4) -> torch.Tensor:
+def solve_sort(p: torch.Tensor, eps: float, margin: float = 1e-4, grid: int = 16, refinements: int = 8) -> torch.Tensor:
     """ModelGuard-W answers for probability rows ``p`` (N, K) with the exact sort-based solver.
 
     ``f(t)``, the best objective with ``y'_k* = t``, is convex and piecewise linear.  Each round evaluates its

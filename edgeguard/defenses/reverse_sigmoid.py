@@ -56,6 +56,8 @@ class ReverseSigmoidConfig(Config):
     def __post_init__(self) -> None:
         require(0.0 <= self.beta <= 10.0, f"reverse_sigmoid beta must lie in [0, 10] (got {self.beta})")
         require(0.0 < self.gamma <= 10.0, f"reverse_sigmoid gamma must lie in (0, 10] (got {self.gamma})")
+        require(self.mode == "reference" or self.beta <= 2.0,
+                f"reverse_sigmoid beta must be at most 2 in textbook mode, where larger values make entries negative (got {self.beta})")
 
 
 class ReverseSigmoid(Defense):

@@ -67,8 +67,9 @@ class DefenseMeasurement:
             lines.append(f"  {o.name} (out of distribution): argmax agreement {o.agreement:.4f}, L1 mean {o.l1_mean:.4f} "
                          f"max {o.l1_max:.4f} over {o.n} images" + (f", {o.flagged} flagged" if o.flagged else ""))
         for r in self.latency:
+            ratio = f"x{r['ratio']:.3f}" if r["ratio"] is not None else "ratio n/a"
             lines.append(f"  batch {r['batch']}: p50 {r['defended_ms']:.3f} ms defended vs {r['clean_ms']:.3f} ms undefended "
-                         f"(x{r['ratio']:.3f})")
+                         f"({ratio})")
         return "\n".join(lines)
 
 

@@ -16,6 +16,10 @@ def _table(head: list[str], rows: list[list[Any]], align: str | None = None) -> 
     return "\n".join(lines)
 
 
+def _num(v: Any, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     res = report["results"]
     cfg = report["config"]["params"]
@@ -83,7 +87,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{r['accuracy']:.4f}", f"{r['agreement']:.4f}", f"{r['l1_mean']:.4f} ({r['l1_max']:.3f})",
                          f"{r['ood_l1_mean']:.4f}" if r["ood_l1_mean"] is not None else "-",
                          f"{r['ood_agreement']:.4f}" if r["ood_agreement"] is not None else "-",
-                         f"{r.get('latency_ratio_b1', float('nan')):.3f}", f"{r.get('latency_ratio_b64', float('nan')):.3f}"])
+                         _num(r.get("latency_ratio_b1")), _num(r.get("latency_ratio_b64"))])
         out += [_table(["defense", "model", "runs in", "accuracy", "argmax agreement", "L1 test", "L1 OOD", "OOD agreement",
                         "latency x (b1)", "latency x (b64)"], rows, "lllrrrrrrr"), ""]
     if "bench" in res:

@@ -104,7 +104,9 @@ def graft_head(backbone, head, input_name: str):
     if [o.name for o in g.output] != [LOGITS]:
         raise CheckFailed("graft_head needs a backbone whose only output is the logits")
     outputs = {o.name for o in head.graph.output}
-    boundary = {LOGITS: LOGITS, "input": input_name}
+    from edgeguard.export.onnx import INPUT_NAME
+
+    boundary = {LOGITS: LOGITS, INPUT_NAME: input_name}
 
     def rename(name: str) -> str:
         if not name or name in outputs:
@@ -133,7 +135,10 @@ def graft_head(backbone, head, input_name: str):
     for o in head.opset_import:
         if o.domain not in b_opset:
             merged.opset_import.append(copy.deepcopy(o))
-    onnx.checker.check_model(merged)
+    try:
+        onnx.checker.check_model(merged)
+    except onnx.checker.ValidationError as e:
+        raise CheckFailed(f"the graph with the defense head fails onnx.checker: {str(e).splitlines()[0]}") from None
     return merged
 
 

@@ -50,6 +50,8 @@ def open_runner(
     ``undefended=True`` gives the same graph without its defense (``softmax(logits)``), for measurements.
     """
     kind = artifact_kind(path)
+    if undefended and kind != ".onnx":
+        raise BadInput(f"{path} is not an ONNX graph: only an exported .onnx file has an undefended view")
     if device is not None:
         from edgeguard.training import resolve_device
 

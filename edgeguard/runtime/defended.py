@@ -8,6 +8,8 @@ whose sha256 the graph's metadata records.  ``open_runner`` on such a graph retu
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,6 @@ import numpy as np
 import torch
 
 from edgeguard.errors import BadInput
-from edgeguard.fileio import sha256_file
 from edgeguard.runtime.base import Runner, RunnerInfo
 
 SIDECAR_FORMAT = "edgeguard-host-defense"
@@ -27,26 +28,31 @@ def load_host_defense(graph_path: Path, record: dict[str, Any]):
     from edgeguard.models import create_model
 
     name = record.get("name", "?")
-    side = graph_path.parent / str(record.get("sidecar", ""))
-    if not record.get("sidecar") or not side.is_file():
+    sidecar = str(record.get("sidecar") or "")
+    if not sidecar or Path(sidecar).name != sidecar:
+        raise BadInput(f"{graph_path} names no valid state file for its host-side defense {name!r}")
+    side = graph_path.parent / sidecar
+    if not side.is_file():
         raise BadInput(f"{graph_path} is served with the host-side defense {name!r}, but its state file "
                        f"{side.name} is missing next to it")
-    if sha256_file(side) != record.get("sidecar_sha256"):
+    data = side.read_bytes()  # hash and load the same bytes
+    if hashlib.sha256(data).hexdigest() != record.get("sidecar_sha256"):
         raise BadInput(f"{side} does not match the hash {graph_path.name} recorded; the defense state was modified")
     try:
-        blob = torch.load(str(side), map_location="cpu", weights_only=True)
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        m = blob["model"]
+        num_classes = int(blob["num_classes"])
     except Exception as e:
         raise BadInput(f"{side} is not a readable defense state file ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != SIDECAR_FORMAT or blob.get("name") != name:
         raise BadInput(f"{side} is not the state of the {name!r} defense")
     cfg = defense_config(name, blob.get("params") or {})
-    m = blob["model"]
 
     def factory():
         return create_model(m["arch"], num_classes=m["num_classes"], in_channels=m["in_channels"], mean=m["mean"],
                             std=m["std"], **dict(m.get("options") or {}))
 
-    ctx = DefenseContext(num_classes=int(blob["num_classes"]), model_factory=factory)
+    ctx = DefenseContext(num_classes=num_classes, model_factory=factory)
     entry = DEFENSES.entry(name)
     restore = entry.meta.get("restore")
     if restore is None:

@@ -69,7 +69,8 @@ class OrtRunner(Runner):
             raise BadInput(f"{self.path} must have one N x C x H x W image input, found {[i.shape for i in inputs]}")
         self._input = inputs[0].name
         names = [o.name for o in outputs]
-        self._outputs = [names[0]] + (["defense_flag"] if "defense_flag" in names else [])
+        flag = "defense_flag"  # edgeguard.export.heads.FLAG_OUTPUT (not imported: keeps this module torch-free)
+        self._outputs = [names[0]] + ([flag] if flag in names else [])
         meta = decode(self._session.get_modelmeta().custom_metadata_map)
         self.metadata = meta
         shape = tuple(d if isinstance(d, int) else None for d in inputs[0].shape[1:])

@@ -90,6 +90,14 @@ def test_heuristic_guard_keeps_top1_and_flip_rate_without_it_is_measured():
     assert 0.05 < flips < 0.9  # the reference formula does flip low-confidence rows (spec table: ~55% kept)
 
 
+def test_heuristic_default_slope_depends_on_the_class_count():
+    """Spec 2.4: gamma 0.2, or 0.1 from 100 classes on (the repository's CIFAR-100 setting)."""
+    assert _build("heuristic", 10).public_params()["gamma"] == 0.2
+    assert _build("heuristic", 99).public_params()["gamma"] == 0.2
+    assert _build("heuristic", 100).public_params()["gamma"] == 0.1
+    assert _build("heuristic", 100, gamma=0.3).public_params()["gamma"] == 0.3
+
+
 def test_heuristic_is_deterministic_and_per_row():
     """A7: bitwise identical on repeat; a row's output does not depend on the other rows of the batch."""
     z = _logits(256, 10, seed=3)
@@ -148,6 +156,23 @@ def test_gaussian_modes():
     assert "seed" not in det.public_params()  # the seed is secret
 
 
+def test_misinformation_model_learns_to_avoid_the_true_label(digits_test):
+    """The misinformation model is trained (one training loop, loss -log(1 - p_y)) to put little mass on the label."""
+    from edgeguard.defenses.adaptive_misinformation import misinformation_loss
+    from edgeguard.models import create_model
+
+    z = torch.tensor([[2.0, 0.0, -1.0]])
+    p_y = torch.softmax(z, 1)[0, 0]
+    assert torch.isclose(misinformation_loss(z, torch.tensor([0])), -torch.log(1 - p_y + 1e-12))
+    x, y = digits_test.tensors()
+    ctx = DefenseContext(num_classes=10, train_images=lambda: (x, y),
+                         model_factory=lambda: create_model("smallcnn", num_classes=10, in_channels=1), quiet=True)
+    mod = make_defense("adaptive_misinformation", {"epochs": 5}, ctx)
+    with torch.no_grad():
+        p_mis = torch.softmax(mod.misinformation(x), 1)
+    assert float(p_mis.gather(1, y.view(-1, 1)).mean()) < 0.05  # untrained (uniform): about 0.1
+
+
 def test_adaptive_misinformation_gate():
     """modelguard 12.7: the AM gate is > 0.99 below tau - 0.005 and < 0.01 above tau + 0.005."""
     from edgeguard.defenses.adaptive_misinformation import (
@@ -183,6 +208,10 @@ def test_adaptive_misinformation_gate():
         ("rounding", {"decimals": 9}, "decimals"),
         ("topk", {"k": 0}, "k"),
         ("gaussian", {"sigma": -1}, "sigma"),
+        ("modelguard_s", {"seed": -1}, "seed"),
+        ("mad", {"seed": 2**70}, "seed"),
+        ("adaptive_misinformation", {"seed": -5}, "seed"),
+        ("heuristic", {"mode": "textbook", "beta": 3}, "textbook"),
         ("heuristic", {"epsilon": 1}, "unknown parameter 'epsilon'"),
         ("none", {"beta": 1}, "takes no parameters"),
         ("nope", {}, "unknown defense 'nope'"),
@@ -205,4 +234,10 @@ def test_topk_larger_than_classes_and_context_needs():
 def test_registry_lists_every_defense_with_its_placement():
     assert set(DEFENSES.names()) == {"none", "heuristic", "reverse_sigmoid", "rounding", "topk", "gaussian",
                                      "adaptive_misinformation", "modelguard_s", "modelguard_w", "mad"}
-    assert DEFENSES.names(host=True) == ["mad"]
+    assert DEFENSES.names(host=True) == ["mad"]  # always host-side; two more depend on their config:
+    from edgeguard.defenses.modelguard_s import ModelGuardS, ModelGuardSConfig
+
+    assert ModelGuardS.empty(ModelGuardSConfig(online=True), 10).placement == "host"
+    assert ModelGuardSConfig(online=True).assign == "first" and ModelGuardSConfig().assign == "nearest"
+    assert _build("modelguard_w", 10, solver="lp").placement == "host"
+    assert _build("modelguard_w", 10).placement == "graph"

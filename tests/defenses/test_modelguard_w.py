@@ -215,5 +215,5 @@ def test_bad_parameters_are_bad_input(params):
 
 def test_config_defaults():
     cfg = defense_config("modelguard_w", {})
-    assert cfg == ModelGuardWConfig(epsilon=1.0, solver="sort", grid=64, refinements=4, margin=1e-4)
+    assert cfg == ModelGuardWConfig(epsilon=1.0, solver="sort", grid=16, refinements=8, margin=1e-4)
     assert defense_config("modelguard_w", {"epsilon": "2"}).epsilon == 2.0
