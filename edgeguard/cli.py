@@ -143,7 +143,40 @@ def train_cmd(dataset, data_root, data_options, arch, model_options, config_path
                          f"train accuracy {last.get('train_accuracy', float('nan')):.4f}")
 
 
-@cli.command("evaluate")
+@click.command("grid")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Grid config (YAML): victim, defenses, attacks, seeds; e.g. configs/grid-default.yaml.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder; running again into it resumes (finished cells are not recomputed).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a process pool on this machine; ray: Ray tasks (pip install 'edgeguard[dist]').")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: the config's, else 2).")
+@JSON_OUT
+def evaluate_grid_cmd(config_path, out, backend, workers, json_path):
+    """Defenses x extraction attacks x seeds against one victim, resumable.
+
+    Any defense or attack parameter given as a list is swept.  Writes OUT/grid.json, OUT/grid.md, OUT/plots/*.png
+    (defender accuracy against attacker accuracy and fidelity, per attack) and one OUT/cells/ID.json per cell.
+    """
+    from edgeguard.evaluate.grid import GridConfig, run_grid
+
+    res = run_grid(GridConfig.load(config_path), out, backend=backend, workers=workers)
+    c = res.report["counts"]
+    emit(res, json_path, res.table() + f"\n{c['done']}/{c['cells']} cells done (computed {c['computed']}, reused "
+                                       f"{c['reused']}, failed {c['failed']}); report: {Path(out) / 'grid.md'}")
+
+
+class EvaluateCommand(click.Command):
+    """``evaluate ARTIFACT`` as before; ``evaluate grid ...`` runs :func:`evaluate_grid_cmd` with its own options."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if args and args[0] == "grid":
+            return evaluate_grid_cmd.make_context(f"{info_name} grid", list(args[1:]), parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@cli.command("evaluate", cls=EvaluateCommand,
+             epilog="The defense x attack grid: edgeguard evaluate grid --help.")
 @ARTIFACT
 @DATASET
 @DATA_ROOT
@@ -408,7 +441,7 @@ def verify_cmd(artifacts, vault, alpha, dataset, data_root, split, device, seed,
 
 @cli.group("attack")
 def attack_group() -> None:
-    """Attacks against protected models (removal now; extraction attacks later)."""
+    """Attacks against protected models: removal (finetune) and model extraction (extract)."""
 
 
 @attack_group.command("finetune")
@@ -436,6 +469,40 @@ def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction
     res = finetune_attack(bundle, out, cfg)
     emit(res, json_path, f"attacked bundle {res.bundle}: {res.mode} on {res.samples} images, {res.epochs} epochs "
                          f"({res.steps} steps), final loss {res.final_loss:.4f}")
+
+
+@attack_group.command("extract")
+@ARTIFACT
+@click.option("--method", required=True, help="Extraction attack (e.g. knockoff; see the README for the list).")
+@click.option("--budget", type=int, required=True, help="Queries to the artifact (counted at its Runner).")
+@click.option("--query-set", default=None, help="Attacker's query pool, a dataset name (default: synthetic, shaped like the victim's input).")
+@click.option("--query-option", "query_options", type=KeyValue(), multiple=True, help="Query-pool dataset option k=v.")
+@click.option("--query-root", type=click.Path(path_type=Path), default=None, help="Folder of an on-disk query pool.")
+@click.option("--surrogate", default=None, help="Attacker's architecture (default smallcnn).")
+@click.option("--epochs", type=int, default=None, help="Surrogate training epochs (default 20).")
+@click.option("--hard-label", is_flag=True, default=None, help="The API returns only the top-1 label.")
+@click.option("--param", "params", type=KeyValue(), multiple=True, help="Method option k=v (repeatable).")
+@DATASET
+@DATA_ROOT
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Surrogate bundle to write (with attack.json).")
+@SEED
+@JSON_OUT
+def attack_extract_cmd(artifact, method, budget, query_set, query_options, query_root, surrogate, epochs, hard_label,
+                       params, dataset, data_root, out, seed, json_path):
+    """Model extraction: query ARTIFACT as a client would (probabilities only, counted budget), train a surrogate,
+    and report its accuracy and fidelity on the victim's test split (--dataset, default digits)."""
+    from edgeguard.attacks.extraction import extract, method_config
+    from edgeguard.config import DataConfig
+
+    given = {"budget": budget, "query_set": query_set, "query_options": dict(query_options) or None,
+             "query_root": str(query_root) if query_root else None, "surrogate": surrogate, "epochs": epochs,
+             "hard_label": hard_label, "seed": seed, **dict(params)}
+    cfg = method_config(method, {k: v for k, v in given.items() if v is not None})
+    res = extract(artifact, out, method, cfg, eval_data=DataConfig(dataset or "digits", root=str(data_root) if data_root else None))
+    l1 = f", defense L1 {res.defense_l1_mean:.4f}" if res.defense_l1_mean is not None else ""
+    emit(res, json_path, f"{method} against {artifact} (defense {res.defense}): {res.queries_used}/{res.budget} queries; "
+                         f"surrogate accuracy {res.surrogate_accuracy:.4f}, fidelity {res.fidelity:.4f}, defender accuracy "
+                         f"{res.defender_accuracy:.4f}{l1}; surrogate bundle {res.surrogate_bundle}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,33 @@ class PipelineExportConfig(Config):
 
 
 @dataclass(frozen=True)
+class PipelineExtractionConfig(Config):
+    """The extraction stage: one attack against the shipped FP32 model with each listed defense."""
+
+    enabled: bool = False
+    method: str = "knockoff"
+    defenses: tuple = ("none", "heuristic")  # names or {name, params}, exported like export.defense
+    options: dict = field(default_factory=dict)  # the attack's options (budget, query_set, epochs, ...)
+
+    def __post_init__(self) -> None:
+        from edgeguard.attacks.extraction import method_config
+        from edgeguard.defenses import DefenseSpec
+
+        specs = []
+        for d in self.defenses:
+            d = {"name": d} if isinstance(d, str) else d
+            require(isinstance(d, (dict, DefenseSpec)), f"extraction.defenses entries must be a name or {{name, params}}, got {d!r:.60}")
+            specs.append(d if isinstance(d, DefenseSpec) else DefenseSpec.from_mapping(d, what="extraction.defenses"))
+        object.__setattr__(self, "defenses", tuple(specs))
+        method_config(self.method, self.options)  # an unknown method or option fails at load time
+
+    def params(self) -> dict[str, Any]:
+        out = super().params()
+        out["defenses"] = [{"name": sp.name, "params": dict(sp.params)} for sp in self.defenses]
+        return out
+
+
+@dataclass(frozen=True)
 class PipelineConfig(Config):
     name: str = "pipeline"
     seed: int = 0
@@ -159,6 +186,7 @@ class PipelineConfig(Config):
     watermark: PipelineWatermarkConfig = field(default_factory=PipelineWatermarkConfig)
     quantize: PipelineQuantizeConfig = field(default_factory=PipelineQuantizeConfig)
     attacks: PipelineAttacksConfig = field(default_factory=PipelineAttacksConfig)
+    extraction: PipelineExtractionConfig = field(default_factory=PipelineExtractionConfig)
     bench: PipelineBenchConfig = field(default_factory=PipelineBenchConfig)
 
     device: str = "cpu"
@@ -315,6 +343,33 @@ def stage_defenses(ctx: Context) -> None:
     ctx.results["defenses"] = {"rows": rows, "ood": ood_cfg.to_dict()}
 
 
+def stage_extraction(ctx: Context) -> None:
+    """Model extraction (the configured attack) against the shipped FP32 model, once per listed defense."""
+    x = ctx.cfg.extraction
+    if not x.enabled:
+        return
+    from edgeguard.attacks.extraction import extract, method_config
+    from edgeguard.defenses import defense_label
+
+    folder = ctx.out / "extraction"
+    folder.mkdir(exist_ok=True)
+    cfg = method_config(x.method, {"seed": ctx.cfg.seed, **x.options})
+    rows = []
+    for i, spec in enumerate(x.defenses):
+        label = defense_label(spec.name, spec.params)
+        victim = export_bundle(ctx.bundle, folder / f"victim_{i:02d}_{spec.name}.onnx", ctx.cfg.export.export_config(),
+                               defense=spec.name, defense_params=spec.params).path
+        res = extract(victim, None, x.method, cfg, eval_data=ctx.cfg.data)
+        rows.append({"defense": label, **res.to_json()})
+        log(f"extraction {x.method} vs {label}: fidelity {res.fidelity:.4f}, surrogate accuracy {res.surrogate_accuracy:.4f}")
+    ctx.results["extraction"] = {"method": x.method, "config": cfg.to_dict(), "rows": rows}
+    undefended = next((r for r in rows if r["defense"] == "none"), None)
+    if undefended is not None:
+        ctx.check(f"{x.method} extracts the undefended model above chance", undefended["fidelity"] > 2.0 / len(
+            load_data(ctx.cfg.data, "test").info.classes), f"fidelity {undefended['fidelity']:.4f} with "
+                  f"{undefended['queries_used']} queries")
+
+
 def _preserves_top1(name: str, cfg) -> bool:
     """Defenses that promise the undefended argmax by construction (the pipeline checks the promise)."""
     if name in ("none", "topk", "modelguard_w", "modelguard_s"):
@@ -385,6 +440,7 @@ STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("evaluate", stage_evaluate),
     ("verify", stage_verify_watermark),
     ("defenses", stage_defenses),
+    ("extraction", stage_extraction),
     ("bench", stage_bench),
 ]
 

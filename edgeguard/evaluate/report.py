@@ -90,6 +90,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                          _num(r.get("latency_ratio_b1")), _num(r.get("latency_ratio_b64"))])
         out += [_table(["defense", "model", "runs in", "accuracy", "argmax agreement", "L1 test", "L1 OOD", "OOD agreement",
                         "latency x (b1)", "latency x (b64)"], rows, "lllrrrrrrr"), ""]
+    if "extraction" in res:
+        x = res["extraction"]
+        p = x["config"]["params"]
+        out += [f"## Model extraction ({x['method']}) against the shipped FP32 model", ""]
+        out += [f"Budget {p['budget']} queries from `{p['query_set']}`, surrogate {p['surrogate']} trained {p['epochs']} epochs; "
+                "accuracy and fidelity (top-1 agreement with the defended victim) on the test split.", ""]
+        rows = [[r["defense"], r["queries_used"], f"{r['surrogate_accuracy']:.4f}", f"{r['fidelity']:.4f}",
+                 f"{r['defender_accuracy']:.4f}", _num(r["defense_l1_mean"], ".4f")] for r in x["rows"]]
+        out += [_table(["defense", "queries", "surrogate accuracy", "fidelity", "defender accuracy", "defense L1 (attacker queries)"],
+                       rows, "lrrrrr"), ""]
     if "bench" in res:
         b = res["bench"]
         m = b["machine"]

@@ -1,0 +1,138 @@
+"""``extract(artifact, out, method, cfg)``: run one extraction attack against a deployed artifact and measure it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeguard.attacks.base import ATTACKS
+from edgeguard.attacks.extraction.base import ExtractionConfig, ExtractionContext, QueryOracle
+from edgeguard.config import DataConfig
+from edgeguard.errors import BadInput, CheckFailed
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    method: str
+    artifact: str
+    defense: str
+    budget: int
+    queries_used: int
+    surrogate_accuracy: float  # on the victim's test split
+    fidelity: float  # argmax agreement of the surrogate with the (defended) victim on the test split
+    defender_accuracy: float  # the victim's own accuracy through its defense on the same split
+    defense_l1_mean: float | None  # mean L1 of the defense over the attacker's queries (None: no undefended view)
+    eval_dataset: str
+    seconds: float
+    surrogate_bundle: str | None = None
+    details: dict[str, Any] | None = None
+    passed: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def method_config(method: str, params: dict[str, Any] | None = None) -> ExtractionConfig:
+    entry = ATTACKS.entry(method)
+    if entry.meta.get("family") != "extraction":
+        known = ", ".join(ATTACKS.names(family="extraction"))
+        raise BadInput(f"{method!r} is not an extraction attack; known: {known}")
+    return ATTACKS.config_from(method, dict(params or {}))
+
+
+def _pool(cfg: ExtractionConfig, input_shape) -> Any:
+    from edgeguard.api import load_data
+
+    options = dict(cfg.query_options)
+    if cfg.query_set == "synthetic":  # procedural images: shape them like the victim's input unless told otherwise
+        c, h, _ = input_shape
+        options.setdefault("size", int(h))
+        options.setdefault("channels", int(c))
+        options.setdefault("n", max(2000, cfg.budget))
+        options.setdefault("seed", 101)
+    pool = load_data(DataConfig(cfg.query_set, root=cfg.query_root, options=options), "train")
+    if tuple(pool.info.input_shape) != tuple(input_shape):
+        raise BadInput(f"the query set {cfg.query_set!r} has images {tuple(pool.info.input_shape)}, but the victim takes "
+                       f"{tuple(input_shape)}")
+    return pool
+
+
+def _accuracy_and_fidelity(surrogate: torch.nn.Module, victim, test) -> tuple[float, float, float]:
+    x, y = test.tensors()
+    with torch.no_grad():
+        s = torch.cat([surrogate(x[i : i + 512]) for i in range(0, len(x), 512)]).argmax(1).numpy()
+    v = victim.predict(x.numpy()).argmax(1)
+    y = y.numpy()
+    return float((s == y).mean()), float((s == v).mean()), float((v == y).mean())
+
+
+def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: ExtractionConfig | None = None, *,
+            eval_data: DataConfig | None = None, quiet: bool | None = None) -> ExtractionResult:
+    """Attack ``artifact`` with ``method``; write the surrogate bundle to ``out`` (unless None) and return the metrics."""
+    from edgeguard.api import load_data
+    from edgeguard.bundle import ModelSpec, check_target, save_bundle, stage_record
+    from edgeguard.models import create_model
+    from edgeguard.runtime import artifact_kind, open_runner
+
+    cfg = cfg or method_config(method)
+    run = ATTACKS.get(method)
+    if ATTACKS.entry(method).meta.get("family") != "extraction":
+        raise BadInput(f"{method!r} is not an extraction attack")
+    if out is not None:
+        check_target(out)
+    t0 = time.perf_counter()
+    test = load_data(eval_data or DataConfig(), "test")
+    with open_runner(artifact) as victim:
+        info = victim.info
+        if tuple(test.info.input_shape) != tuple(info.input_shape) or test.num_classes != info.num_classes:
+            raise BadInput(f"the evaluation set {test.info.name!r} ({test.num_classes} classes, {test.info.input_shape}) "
+                           f"does not fit the victim ({info.num_classes} classes, {tuple(info.input_shape)})")
+        pool = _pool(cfg, info.input_shape) if ATTACKS.entry(method).meta.get("needs_pool", True) else None
+        if pool is not None:
+            x0 = pool.tensors(0, min(len(pool), 2048))[0]
+            mean = tuple(float(v) for v in x0.mean(dim=(0, 2, 3)))
+            std = tuple(max(float(v), 1e-3) for v in x0.std(dim=(0, 2, 3)))
+        else:
+            mean, std = (0.5,) * info.input_shape[0], (0.5,) * info.input_shape[0]
+
+        def make_surrogate():
+            return create_model(cfg.surrogate, num_classes=info.num_classes, in_channels=info.input_shape[0], mean=mean,
+                                std=std, **cfg.surrogate_options)
+
+        clean = open_runner(artifact, undefended=True) if artifact_kind(artifact) == ".onnx" else None
+        try:
+            oracle = QueryOracle(victim, cfg.budget, hard_label=cfg.hard_label, clean=clean)
+            ctx = ExtractionContext(num_classes=info.num_classes, input_shape=tuple(info.input_shape),
+                                    make_surrogate=make_surrogate, quiet=quiet)
+            torch.manual_seed(cfg.seed)
+            surrogate = run(oracle, pool, cfg, ctx).eval()
+        finally:
+            if clean is not None:
+                clean.close()
+        if oracle.used > cfg.budget:  # the oracle refuses first; this guards against a bypass
+            raise CheckFailed(f"{method} used {oracle.used} queries with a budget of {cfg.budget}")
+        acc, fid, defender = _accuracy_and_fidelity(surrogate, victim, test)
+    result = ExtractionResult(method=method, artifact=str(artifact), defense=info.defense, budget=cfg.budget,
+                              queries_used=oracle.used, surrogate_accuracy=round(acc, 6), fidelity=round(fid, 6),
+                              defender_accuracy=round(defender, 6),
+                              defense_l1_mean=None if oracle.l1_mean is None else round(oracle.l1_mean, 6),
+                              eval_dataset=test.info.name, seconds=round(time.perf_counter() - t0, 2),
+                              details=dict(ctx.log) or None)
+    if out is None:
+        return result
+    import json
+
+    spec = ModelSpec(cfg.surrogate, info.num_classes, tuple(info.classes), tuple(info.input_shape), mean, std,
+                     dict(cfg.surrogate_options))
+    stage = stage_record("attack_extract", cfg, method=method, victim_sha256=info.sha256, queries=oracle.used)
+    record = json.dumps(result.to_json(), indent=2).encode()
+    bundle = save_bundle(out, surrogate, spec, stages=[stage], dataset=cfg.query_set,
+                         extra_files={"attack.json": lambda t: t.write_bytes(record)})
+    return dataclasses.replace(result, surrogate_bundle=str(bundle.path))
+
+
