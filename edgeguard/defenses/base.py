@@ -109,6 +109,21 @@ class Defense(nn.Module):
 # --- shared pieces -------------------------------------------------------------------------------------
 
 
+def load_state(module: Defense, state: Any) -> Defense:
+    """Load a host-side defense's saved ``state_dict()`` (its sidecar); a state that does not fit is a BadInput."""
+    from collections.abc import Mapping
+
+    from edgeguard.errors import BadInput
+
+    if not isinstance(state, Mapping):
+        raise BadInput(f"{module.name} state must be a state dict of tensors")
+    try:
+        module.load_state_dict(dict(state))
+    except RuntimeError as e:
+        raise BadInput(f"{module.name} state does not fit this model ({str(e).splitlines()[0]})") from None
+    return module.eval()
+
+
 def one_hot_of(index: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
     """(N, 1) int64 class indices -> (N, C) 0/1 float; Equal + Cast in ONNX (no OneHot: TensorRT 8.x lacks it)."""
     classes = torch.arange(num_classes, device=index.device).view(1, -1)

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeguard.config import Config, require
-from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, softmax_np
+from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, load_state, softmax_np
 from edgeguard.errors import BadInput
 
 UPWEIGHT = 1e-5  # added to k* in the argmax oracle's candidates
@@ -394,14 +394,7 @@ def _reference_target(y: np.ndarray, p: np.ndarray, oracle: str) -> np.ndarray:
 
 def restore_mad(cfg: MadConfig, ctx: DefenseContext, state: Mapping[str, torch.Tensor]) -> Mad:
     """Rebuild from a saved ``state_dict()`` (the host sidecar): same factory, then the saved surrogate weights."""
-    module = build_mad(cfg, ctx)
-    if not isinstance(state, Mapping):
-        raise BadInput("mad state must be a state dict of tensors")
-    try:
-        module.load_state_dict(dict(state))
-    except RuntimeError as e:
-        raise BadInput(f"mad state does not fit the protected architecture ({str(e).splitlines()[0]})") from None
-    return module.eval()
+    return load_state(build_mad(cfg, ctx), state)
 
 
 @DEFENSES.register("mad", config=MadConfig, fusable=False, host=True, restore=restore_mad)

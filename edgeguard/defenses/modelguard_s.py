@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from edgeguard.config import Config, require
-from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, one_hot_of, softmax_np
+from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, load_state, one_hot_of, softmax_np
 from edgeguard.errors import BadInput
 from edgeguard.progress import log
 
@@ -470,14 +470,7 @@ def _clean_outputs(ctx: DefenseContext, cfg: ModelGuardSConfig) -> np.ndarray:
 
 def restore_modelguard_s(cfg: ModelGuardSConfig, ctx: DefenseContext, state: Mapping[str, torch.Tensor]) -> ModelGuardS:
     """Rebuild from a saved ``state_dict()`` (the host sidecar of ``online=true``): no training data needed."""
-    if not isinstance(state, Mapping):
-        raise BadInput("modelguard_s state must be a state dict of tensors")
-    module = ModelGuardS.empty(cfg, ctx.num_classes)
-    try:
-        module.load_state_dict(dict(state))
-    except RuntimeError as e:
-        raise BadInput(f"modelguard_s state does not fit {ctx.num_classes} classes ({str(e).splitlines()[0]})") from None
-    return module.eval()
+    return load_state(ModelGuardS.empty(cfg, ctx.num_classes), state)
 
 
 @DEFENSES.register("modelguard_s", config=ModelGuardSConfig, fusable=True, host=False, restore=restore_modelguard_s)
