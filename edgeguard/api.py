@@ -140,8 +140,8 @@ def defense_context(bundle: Bundle, *, seed: int = 0, max_train: int | None = No
         with open_runner(bundle.path) as runner:  # an INT8 bundle answers through its QDQ graph
             return runner.predict(x)
 
-    def model_factory():
-        return spec.build()
+    def model_factory():  # a fresh, unguarded network of the same architecture (surrogates, misinformation models)
+        return spec.with_guard(None).build()
 
     return DefenseContext(num_classes=spec.num_classes, input_shape=tuple(spec.input_shape), train_images=train_images,
                           clean_predict=clean_predict, model_factory=model_factory, seed=seed)

@@ -10,6 +10,7 @@ bundles (it is the owner's) but is never copied into an exported ``.onnx`` or ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -69,11 +70,12 @@ class ModelSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     options: Mapping[str, Any]
+    guard: Mapping[str, Any] | None = None  # MagicGuard config params (manifest "magicguard"), re-inserted on build
 
     def build(self) -> torch.nn.Module:
         from edgeguard.models import create_model
 
-        return create_model(
+        model = create_model(
             self.arch,
             num_classes=self.num_classes,
             in_channels=self.input_shape[0],
@@ -81,6 +83,14 @@ class ModelSpec:
             std=self.std,
             **dict(self.options),
         )
+        if self.guard:
+            from edgeguard.protect.magicguard import MagicGuardConfig, attach
+
+            attach(model, MagicGuardConfig.from_mapping(self.guard, what="manifest magicguard"), self.input_shape)
+        return model
+
+    def with_guard(self, guard: Mapping[str, Any] | None) -> ModelSpec:
+        return dataclasses.replace(self, guard=dict(guard) if guard else None)
 
 
 class Bundle:
@@ -99,6 +109,7 @@ class Bundle:
             mean=tuple(m["normalization"]["mean"]),
             std=tuple(m["normalization"]["std"]),
             options=dict(m.get("model_options", {})),
+            guard=dict(m["magicguard"]) if m.get("magicguard") else None,
         )
 
     @property
@@ -174,6 +185,8 @@ def _validate_manifest(p: Path, m: dict[str, Any]) -> None:
         raise bad("normalization needs one mean and one std per input channel")
     if not isinstance(m["stages"], list) or not all(isinstance(s, dict) and isinstance(s.get("stage"), str) for s in m["stages"]):
         raise bad("stages must be a list of records with a 'stage' name")
+    if m.get("magicguard") is not None and not isinstance(m["magicguard"], dict):
+        raise bad("magicguard must be a mapping of the guard's settings")
     files = m["files"]
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise bad(f"files must list {WEIGHTS}")
@@ -261,6 +274,8 @@ def save_bundle(
                 for name in [WEIGHTS, *(extra_files or {})]
             },
         }
+        if spec.guard:
+            manifest["magicguard"] = dict(spec.guard)
         if extra:
             manifest.update(extra)
         atomic_write_json(tmp / MANIFEST, manifest)

@@ -377,6 +377,36 @@ def protect_watermark_cmd(bundle, out, trigger_dir, labels, n_triggers, renderer
                          f"the key is in {Path(res.bundle) / 'vault'}")
 
 
+@protect_group.command("magicguard")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Guarded bundle to write.")
+@click.option("--a", "a", type=float, default=None, help="Amplitude: the largest change of any guarded value (default 0.01).")
+@click.option("--w", "w", type=float, default=None, help="Frequency; a*w is the gradient amplitude (default 1e4, a*w = 100).")
+@click.option("--site", default=None, help="'logits' (default) or the dotted name of a layer whose output is guarded.")
+@click.option("--ratio", type=float, default=None, help="Share of units guarded, mask drawn once from --seed (default 1.0).")
+@click.option("--variant", type=click.Choice(["sine", "staircase", "reversal"]), default=None,
+              help="sine (default, the method); staircase (no gradient: freezes); reversal (gradient ascent).")
+@SEED
+@JSON_OUT
+def protect_magicguard_cmd(bundle, out, a, w, site, ratio, variant, seed, json_path):
+    """Insert MagicGuard (y = x + a*sin(w*x)): fine-tuning the guarded model destroys it.
+
+    No training: a graph edit, checked for fidelity (top-1 unchanged, logits moved by at most a) before the bundle is
+    written.  Quantization keeps the guard in FP32 and QAT runs in owner mode; exports list the guard's nodes for
+    FP32 pinning.  An informed attacker can delete the guard: see the README's limitations.
+    """
+    from edgeguard.protect.magicguard import MagicGuardConfig, protect_magicguard
+
+    cfg = MagicGuardConfig().replace(a=a, w=w, site=site, ratio=ratio, variant=variant, seed=seed)
+    res = protect_magicguard(bundle, out, cfg)
+    trig = (f", trigger accuracy {res.trigger_accuracy_before:.3f} -> {res.trigger_accuracy_after:.3f}"
+            if res.trigger_accuracy_before is not None else "")
+    emit(res, json_path, f"guarded bundle {res.bundle} (sha256 {res.sha256[:12]}): MagicGuard {cfg.variant} at {cfg.site}, "
+                         f"a={cfg.a:g}, w={cfg.w:g} (a*w={cfg.a * cfg.w:g}); test accuracy {res.accuracy_before:.4f} -> "
+                         f"{res.accuracy_after:.4f}, top-1 agreement {res.top1_agreement:.4f}, max |Δlogit| "
+                         f"{res.max_abs_change:.4f}{trig}")
+
+
 @cli.command("quantize")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--mode", type=click.Choice(["ptq", "qat"]), default="ptq", show_default=True)
@@ -467,8 +497,11 @@ def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction
     cfg = FinetuneConfig(mode=mode).replace(epochs=epochs, lr=lr, batch_size=batch_size, data_fraction=data_fraction,
                                             dataset=attack_dataset, data_root=data_root, freeze_bn=freeze_bn, seed=seed)
     res = finetune_attack(bundle, out, cfg)
+    acc = f", test accuracy {res.test_accuracy:.4f}" if res.test_accuracy is not None else ""
+    div = (f"; the loss stopped being finite at step {res.diverged_at} (the model self-destructed), training stopped "
+           "there" if res.diverged_at is not None else "")
     emit(res, json_path, f"attacked bundle {res.bundle}: {res.mode} on {res.samples} images, {res.epochs} epochs "
-                         f"({res.steps} steps), final loss {res.final_loss:.4f}")
+                         f"({res.steps} steps), final loss {res.final_loss:.4f}{acc}{div}")
 
 
 @attack_group.command("extract")

@@ -1,7 +1,8 @@
 """``edgeguard pipeline --config configs/demo.yaml --out DIR``: every stage in-process, then a report.
 
-Stages: train -> watermark (optional) -> quantize (optional) -> export -> evaluate (accuracy + parity) -> verify (watermark on
-the ONNX artifacts: unmarked, marked, after each removal attack) -> bench.
+Stages: train -> watermark (optional) -> magicguard (optional: guard + destruction table) -> quantize (optional) -> export
+-> evaluate (accuracy + parity) -> verify (watermark on the ONNX artifacts: unmarked, marked, after each removal attack)
+-> defenses -> extraction -> bench.
 
 The stages call the same library functions as the stage commands (``edgeguard.api``); later
 protections add their own stage functions to ``STAGES``.  Outputs in DIR:
@@ -21,7 +22,8 @@ from edgeguard import __version__
 from edgeguard.api import bench_artifacts, export_bundle, load_data, train_bundle
 from edgeguard.config import Config, DataConfig, ModelConfig, load_yaml, require
 from edgeguard.errors import BadInput
-from edgeguard.evaluate import BenchConfig, accuracy_from, parity_from, predict_dataset
+from edgeguard.evaluate import BenchConfig, accuracy_from, evaluate_accuracy, parity_from, predict_dataset
+from edgeguard.evaluate.destruction import DestructionConfig
 from edgeguard.evaluate.report import write_report
 from edgeguard.export import ExportConfig
 from edgeguard.progress import log
@@ -86,6 +88,28 @@ class PipelineAttacksConfig(Config):
 
         bad = [m for m in self.modes if m not in MODES]
         require(not bad, f"unknown attack mode {bad[0] if bad else ''!r}; known: {', '.join(MODES)}")
+
+
+@dataclass(frozen=True)
+class PipelineMagicGuardConfig(Config):
+    """The magicguard stage: insert the guard into the (watermarked) bundle, then fine-tune the guarded bundle and its
+    stripped copy under each recipe and report accuracy over steps; the guarded bundle is what later stages ship."""
+
+    enabled: bool = False
+    a: float = 0.01
+    w: float = 1e4
+    site: str = "logits"
+    ratio: float = 1.0
+    variant: str = "sine"
+    destruction: DestructionConfig = field(default_factory=DestructionConfig)
+
+    def __post_init__(self) -> None:
+        self.to_magicguard_config(0)  # validates a, w, ratio, variant at load time
+
+    def to_magicguard_config(self, seed: int):
+        from edgeguard.protect.magicguard import MagicGuardConfig
+
+        return MagicGuardConfig(a=self.a, w=self.w, site=self.site, ratio=self.ratio, variant=self.variant, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -184,6 +208,7 @@ class PipelineConfig(Config):
     export: PipelineExportConfig = field(default_factory=PipelineExportConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     watermark: PipelineWatermarkConfig = field(default_factory=PipelineWatermarkConfig)
+    magicguard: PipelineMagicGuardConfig = field(default_factory=PipelineMagicGuardConfig)
     quantize: PipelineQuantizeConfig = field(default_factory=PipelineQuantizeConfig)
     attacks: PipelineAttacksConfig = field(default_factory=PipelineAttacksConfig)
     extraction: PipelineExtractionConfig = field(default_factory=PipelineExtractionConfig)
@@ -214,6 +239,7 @@ class Context:
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path; "bundle" is the owner's float model
     bundle: str | None = None  # the owner's current bundle (trained, then protected)
     base: str | None = None  # the trained bundle before any protection
+    marked: str | None = None  # the watermarked bundle before MagicGuard (removal attacks target it)
     int8: str | None = None  # the quantized bundle, if the quantize stage ran
     results: dict[str, Any] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
@@ -238,6 +264,64 @@ def stage_watermark(ctx: Context) -> None:
     res = embed_watermark(ctx.bundle, ctx.out / "watermarked", wm.to_watermark_config(ctx.cfg.seed), key_seed=wm.key_seed)
     ctx.bundle = res.bundle
     ctx.results["watermark_embed"] = {k: v for k, v in res.to_json().items()}
+
+
+def stage_magicguard(ctx: Context) -> None:
+    """Guard the current bundle; fine-tune it and its stripped copy per recipe (the destruction table and plot)."""
+    mg = ctx.cfg.magicguard
+    if not mg.enabled:
+        return
+    from edgeguard.evaluate.destruction import plot_destruction, run_destruction
+    from edgeguard.protect.magicguard import protect_magicguard
+
+    ctx.marked = ctx.bundle
+    res = protect_magicguard(ctx.bundle, ctx.out / "guarded", mg.to_magicguard_config(ctx.cfg.seed))
+    ctx.bundle = res.bundle
+    d = run_destruction(res.bundle, mg.destruction)
+    plot = plot_destruction(d, ctx.out / "plots" / "magicguard_destruction.png")
+    ctx.results["magicguard"] = {"protect": res.to_json(), "destruction": d.to_json(),
+                                 "plot": str(plot.relative_to(ctx.out)) if plot else None}
+    ctx.check("MagicGuard keeps the bundle's accuracy", abs(res.accuracy_after - res.accuracy_before) <= 0.001,
+              f"test accuracy {res.accuracy_before:.4f} -> {res.accuracy_after:.4f} (limit 0.1 point), max |Δlogit| "
+              f"{res.max_abs_change:.4f} (a = {mg.a:g})")
+    for row in d.summary():
+        sgd_spec = row["recipe"] == "SGD lr 0.001"  # the acceptance recipe (spec AT-2)
+        if row["model"] == "guarded" and sgd_spec:
+            ctx.check(f"MagicGuard destroys under {row['recipe']}", row["destroyed"] == row["seeds"],
+                      f"final accuracy {row['final_min']:.3f}-{row['final_max']:.3f} after {mg.destruction.steps} steps; "
+                      f"{row['destroyed']}/{row['seeds']} seeds at <= 2x chance")
+        if row["model"] == "unguarded" and sgd_spec:
+            ctx.check(f"unguarded control survives {row['recipe']}", row["final_min"] >= 0.9,
+                      f"final accuracy {row['final_min']:.3f}-{row['final_max']:.3f} (limit 0.90)")
+
+
+def stage_magicguard_fidelity(ctx: Context) -> None:
+    """Guarded vs unguarded accuracy on the shipped forms: the FP32 ONNX and, when quantized, the INT8 ONNX."""
+    if not ctx.cfg.magicguard.enabled:
+        return
+    from edgeguard.protect.magicguard import MANIFEST_KEY
+
+    data = load_data(ctx.cfg.data, ctx.cfg.evaluate.split)
+    folder = ctx.out / "unguarded"
+    pairs = [("FP32 ONNX", ctx.artifacts["onnx"], export_bundle(ctx.marked, folder / "model.onnx",
+                                                                ctx.cfg.export.export_config()).path)]
+    if ctx.int8 is not None:
+        from edgeguard.quantize import quantize_bundle
+
+        q = quantize_bundle(ctx.marked, folder / "int8", ctx.cfg.quantize.to_quantize_config(ctx.cfg.seed))
+        pairs.append(("INT8 ONNX", ctx.artifacts["onnx_int8"], export_bundle(q.bundle, folder / "model_int8.onnx").path))
+    rows = []
+    for form, guarded, plain in pairs:
+        accs = []
+        for path in (guarded, plain):
+            with open_runner(path) as r:
+                accs.append(evaluate_accuracy(r, data).accuracy)
+                if path == guarded:
+                    nodes = (r.metadata.get(MANIFEST_KEY) or {}).get("nodes", [])
+        rows.append({"form": form, "guarded": accs[0], "unguarded": accs[1], "fp32_nodes": nodes})
+        ctx.check(f"MagicGuard keeps the {form} accuracy", abs(accs[0] - accs[1]) <= 0.001,
+                  f"{accs[1]:.4f} unguarded -> {accs[0]:.4f} guarded (limit 0.1 point); guard nodes kept FP32: {len(nodes)}")
+    ctx.results["magicguard"]["fidelity"] = rows
 
 
 def stage_quantize(ctx: Context) -> None:
@@ -282,12 +366,12 @@ def stage_evaluate(ctx: Context) -> None:
     for name in preds:
         if name == "bundle":
             continue
-        p = parity_from(preds["bundle"], preds[name], atol=cfg.parity_atol, a="bundle", b=name)
+        p = parity_from(preds["bundle"], preds[name], atol=_parity_atol(ctx, cfg.parity_atol), a="bundle", b=name)
         parity[name] = p.to_json()
         if acc[name]["artifact"]["precision"] == "fp32":  # the same float model: must agree to the tolerance
             ctx.check(
                 f"parity bundle vs {name}", p.passed,
-                f"max |Δprob| {p.max_abs_diff:.2e} (tol {cfg.parity_atol:g}), top-1 agreement {p.top1_agreement:.4f} on n={p.n}",
+                f"max |Δprob| {p.max_abs_diff:.2e} (tol {p.atol:g}), top-1 agreement {p.top1_agreement:.4f} on n={p.n}",
             )
         else:  # INT8: judged by its accuracy cost, the agreement is reported
             drop = acc["bundle"]["accuracy"] - acc[name]["accuracy"]
@@ -298,6 +382,14 @@ def stage_evaluate(ctx: Context) -> None:
         f = Path(path) / "model.pt" if Path(path).is_dir() else Path(path)
         acc[name]["bytes"] = f.stat().st_size
     ctx.results["evaluate"] = {"accuracy": acc, "parity": parity}
+
+
+def _parity_atol(ctx: Context, atol: float) -> float:
+    """A guarded model's outputs differ between runtimes by up to 2a (sin of large arguments; spec 6.1)."""
+    from edgeguard.bundle import load_bundle
+    from edgeguard.protect.magicguard import parity_atol
+
+    return parity_atol(load_bundle(ctx.bundle, verify=False).manifest, atol)
 
 
 def stage_defenses(ctx: Context) -> None:
@@ -426,7 +518,7 @@ def stage_verify_watermark(ctx: Context) -> None:
     a = ctx.cfg.attacks
     for mode in a.modes:
         cfg = FinetuneConfig(mode=mode, epochs=a.epochs, lr=a.lr, data_fraction=a.data_fraction, seed=ctx.cfg.seed)
-        attacked = finetune_attack(ctx.bundle, ctx.out / "attacks" / mode, cfg)
+        attacked = finetune_attack(ctx.marked or ctx.bundle, ctx.out / "attacks" / mode, cfg)
         onnx_path = export_bundle(attacked.bundle, ctx.out / "attacks" / f"{mode}.onnx", ctx.cfg.export.export_config()).path
         rows.append(_watermark_row(ctx, f"after {mode.upper()}", onnx_path, data))
     ctx.results["watermark"] = {"rows": rows, "attack": a.to_dict()}
@@ -435,9 +527,11 @@ def stage_verify_watermark(ctx: Context) -> None:
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("train", stage_train),
     ("watermark", stage_watermark),
+    ("magicguard", stage_magicguard),
     ("quantize", stage_quantize),
     ("export", stage_export),
     ("evaluate", stage_evaluate),
+    ("magicguard_fidelity", stage_magicguard_fidelity),
     ("verify", stage_verify_watermark),
     ("defenses", stage_defenses),
     ("extraction", stage_extraction),

@@ -107,6 +107,7 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     stop: bool = False
+    diverged_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class FitResult:
     stopped_early: bool
     best_val_accuracy: float | None
     history: tuple[dict[str, float], ...]
+    diverged_at: int | None = None  # the step whose loss was not finite (stop_on_divergence)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +128,7 @@ class FitResult:
             "stopped_early": self.stopped_early,
             "best_val_accuracy": self.best_val_accuracy,
             "history": list(self.history),
+            "diverged_at": self.diverged_at,
         }
 
 
@@ -185,14 +188,15 @@ def _lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, data: Batches, device: torch.device, batch_size: int = 256) -> float:
+def model_accuracy(model: nn.Module, data: Batches, device: torch.device | str = "cpu", batch_size: int = 256) -> float:
+    """Top-1 accuracy of a PyTorch model on (x, y) batches; rows with a non-finite output count as wrong."""
     was_training = model.training
     model.eval()
     correct = total = 0
     for x, y in data.batches(batch_size):
-        pred = model(x.to(device)).argmax(1).cpu()
+        z = model(x.to(device)).cpu()
         target = y.argmax(1) if y.dtype.is_floating_point else y
-        correct += int((pred == target).sum())
+        correct += int(((z.argmax(1) == target) & torch.isfinite(z).all(1)).sum())
         total += len(y)
     model.train(was_training)
     return correct / max(1, total)
@@ -221,8 +225,13 @@ def fit(
     val_data: Batches | None = None,
     desc: str = "train",
     quiet: bool | None = None,
+    stop_on_divergence: bool = False,
 ) -> FitResult:
-    """Train ``model`` in place on ``data`` under ``cfg``; returns the per-epoch history."""
+    """Train ``model`` in place on ``data`` under ``cfg``; returns the per-epoch history.
+
+    A non-finite loss raises :class:`CheckFailed`, unless ``stop_on_divergence``: then training stops before that
+    step's update and ``FitResult.diverged_at`` records the step (attacks on self-destructing models want the
+    wrecked model, not an error)."""
     if len(data) == 0:
         raise BadInput("the training data is empty")
     device = resolve_device(cfg.device)
@@ -274,7 +283,7 @@ def fit(
                     else:
                         logits = model(x)
                         value = loss_fn(logits, y)
-                    if value.requires_grad:
+                    if value.requires_grad and (math.isfinite(float(value.detach())) or not stop_on_divergence):
                         value.backward()
                         if cfg.grad_clip:
                             torch.nn.utils.clip_grad_norm_([p for _, p in selected], cfg.grad_clip)
@@ -282,6 +291,10 @@ def fit(
                     scheduler.step()
                     state.step += 1
                     state.last_loss = float(value.detach())
+                    if not math.isfinite(state.last_loss) and stop_on_divergence:
+                        state.diverged_at = state.step  # the update that produced it was not applied
+                        state.stop = True
+                        break
                     if not math.isfinite(state.last_loss):
                         raise CheckFailed(
                             f"training diverged at step {state.step} (loss {state.last_loss}); lower the learning rate. "
@@ -306,7 +319,7 @@ def fit(
                 if step is None:
                     metrics["train_accuracy"] = round(correct / max(1, n_seen), 6)
                 if val_data is not None:
-                    acc = _accuracy(model, val_data, device)
+                    acc = model_accuracy(model, val_data, device)
                     metrics["val_accuracy"] = round(acc, 6)
                     if best_acc is None or acc > best_acc:
                         best_acc, since_best = acc, 0
@@ -341,4 +354,5 @@ def fit(
         stopped_early=stopped_early,
         best_val_accuracy=best_acc,
         history=tuple(state.history),
+        diverged_at=state.diverged_at,
     )

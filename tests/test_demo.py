@@ -21,7 +21,18 @@ def test_demo_pipeline_meets_the_acceptance_bar(tmp_path):
     assert acc["bundle"]["accuracy"] >= 0.95 and acc["bundle"]["n"] == 540
     assert acc["onnx"]["accuracy"] == acc["bundle"]["accuracy"]
     parity = report["results"]["evaluate"]["parity"]["onnx"]
-    assert parity["max_abs_diff"] <= 1e-5 and parity["top1_agreement"] == 1.0
+    # the shipped model is MagicGuard-ed: runtimes compute sin(1e4 * logit) differently, bounded by the guard's 2a
+    assert parity["max_abs_diff"] <= 1e-3 and parity["top1_agreement"] == 1.0 and parity["atol"] == pytest.approx(0.02001)
+    mg = report["results"]["magicguard"]
+    assert mg["protect"]["accuracy_after"] == mg["protect"]["accuracy_before"] == acc["bundle"]["accuracy"]
+    assert mg["protect"]["trigger_accuracy_after"] == 1.0
+    assert [r["form"] for r in mg["fidelity"]] == ["FP32 ONNX", "INT8 ONNX"]
+    assert all(abs(r["guarded"] - r["unguarded"]) <= 0.001 and len(r["fp32_nodes"]) == 4 for r in mg["fidelity"])
+    summary = {(r["recipe"], r["model"]): r for r in mg["destruction"]["summary"]}
+    assert summary[("SGD lr 0.001", "guarded")]["final_max"] <= 0.2
+    assert summary[("SGD lr 0.001", "unguarded")]["final_min"] >= 0.9
+    assert ("Adam lr 0.0001", "guarded") in summary  # reported as measured, destroyed or not
+    assert (out / mg["plot"]).is_file() and "## MagicGuard (self-destruction under fine-tuning)" in (out / "report.md").read_text()
     assert {r["batch"] for r in report["results"]["bench"]["rows"]} == {1, 64}
     md = (out / "report.md").read_text()
     assert "## Accuracy (digits test split, n=540)" in md and "FAIL" not in md

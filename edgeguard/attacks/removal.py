@@ -28,7 +28,7 @@ from edgeguard.attacks.base import ATTACKS
 from edgeguard.bundle import check_target, load_bundle, save_bundle, stage_record
 from edgeguard.config import Config, DataConfig, require
 from edgeguard.errors import BadInput
-from edgeguard.training import TrainConfig, fit
+from edgeguard.training import TrainConfig, fit, model_accuracy
 
 MODES = ("ftll", "ftal", "rtll", "rtal")
 
@@ -59,6 +59,8 @@ class AttackResult:
     epochs: int
     steps: int
     final_loss: float
+    test_accuracy: float | None = None  # the attacked model on the bundle's test split
+    diverged_at: int | None = None  # step whose loss was not finite (e.g. a MagicGuard model); training stopped there
     passed: bool = True
 
     def to_json(self) -> dict[str, Any]:
@@ -102,9 +104,13 @@ def finetune_attack(source: str | Path, out: str | Path, cfg: FinetuneConfig | N
         params=(lambda name, p: name.startswith("net.classifier")) if last_layer_only else None,
         hooks=[_FreezeBN()] if cfg.freeze_bn else [],
         desc=f"attack {cfg.mode}",
+        stop_on_divergence=True,  # a self-destructing (MagicGuard) model may blow up: that wreck is the result
     )
-    stage = stage_record("attack_finetune", cfg, data=data_cfg.to_dict(), samples=len(data), final=result.history[-1])
+    test = load_data(data_cfg, "test")
+    acc = model_accuracy(model, test) if test.info.input_shape == spec.input_shape else None
+    stage = stage_record("attack_finetune", cfg, data=data_cfg.to_dict(), samples=len(data), final=result.history[-1],
+                         test_accuracy=acc, diverged_at=result.diverged_at)
     attacked = save_bundle(out, model, spec, stages=[*bundle.stages, stage], parent=bundle, keep_vault=False)
-    return AttackResult(
-        str(attacked.path), attacked.sha256, cfg.mode, len(data), result.epochs, result.steps, result.history[-1]["loss"]
-    )
+    return AttackResult(str(attacked.path), attacked.sha256, cfg.mode, len(data), result.epochs, result.steps,
+                        result.history[-1]["loss"], acc, result.diverged_at)
+

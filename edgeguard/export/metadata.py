@@ -23,8 +23,9 @@ KEYS = (
     "source_sha256",
     "stages",
     "quantization",
+    "magicguard",
 )
-JSON_KEYS = {"classes", "input_shape", "normalization", "defense", "stages", "quantization"}
+JSON_KEYS = {"classes", "input_shape", "normalization", "defense", "stages", "quantization", "magicguard"}
 
 
 def encode(meta: Mapping[str, Any]) -> dict[str, str]:

@@ -27,6 +27,7 @@ from edgeguard.evaluate.metrics import parity_from
 from edgeguard.export.metadata import encode
 from edgeguard.fileio import atomic_write, sha256_file
 from edgeguard.progress import silenced
+from edgeguard.protect import magicguard
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -109,7 +110,7 @@ def to_onnx_proto(module: nn.Module, input_shape: tuple[int, ...], cfg: ExportCo
     return program.model_proto
 
 
-def finalize_onnx(proto, bundle: Bundle, *, precision: str = "fp32", defense=None, quantization=None):
+def finalize_onnx(proto, bundle: Bundle, *, precision: str = "fp32", defense=None, quantization=None, magicguard=None):
     """Write edgeguard metadata into ``proto`` and run ``onnx.checker`` (full check)."""
     import onnx
 
@@ -128,6 +129,8 @@ def finalize_onnx(proto, bundle: Bundle, *, precision: str = "fp32", defense=Non
     }
     if quantization is not None:
         meta["quantization"] = quantization
+    if magicguard is not None:
+        meta["magicguard"] = magicguard
     del proto.metadata_props[:]
     for k, v in encode(meta).items():
         proto.metadata_props.add(key=k, value=v)
@@ -264,7 +267,8 @@ def export_onnx(
     if not defense.fusable:
         record["sidecar"] = None  # filled in below, once the state file is written
         record["sidecar_sha256"] = None
-    proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant)
+    guard = magicguard.export_record(bundle.manifest, proto)  # FP32 guard nodes, no Q/DQ inside (else CheckFailed)
+    proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant, magicguard=guard)
 
     diff = agree = head_diff = None
     n = cfg.check_samples
@@ -283,7 +287,8 @@ def export_onnx(
             with torch.no_grad():
                 ref = torch.softmax(model(x), dim=1).numpy()
             got = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-            parity = parity_from(ref, got, atol=PARITY_ATOL, a="pytorch", b="onnxruntime")
+            atol = magicguard.parity_atol(bundle.manifest, PARITY_ATOL)
+            parity = parity_from(ref, got, atol=atol, a="pytorch", b="onnxruntime")
             diff, agree = parity.max_abs_diff, parity.top1_agreement
             if not parity.passed:  # NaN compares false, so a broken model fails here too
                 raise CheckFailed(
@@ -299,7 +304,7 @@ def export_onnx(
         existed = written_sidecar.exists()
         atomic_write(written_sidecar, lambda t: t.write_bytes(blob))
         record["sidecar"], record["sidecar_sha256"] = written_sidecar.name, digest
-        proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant)
+        proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant, magicguard=guard)
     try:
         atomic_write(out, lambda t: onnx.save_model(proto, str(t)))
     except BaseException:

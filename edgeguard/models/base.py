@@ -46,21 +46,29 @@ class Backbone(nn.Module):
 
 
 class EdgeModel(nn.Module):
-    """Normalize, then the backbone: ``forward(x in [0,1]) -> logits``."""
+    """Normalize, then the backbone: ``forward(x in [0,1]) -> logits``.
+
+    ``guard`` is an optional weight-free module on the logits (a MagicGuard, set by
+    :func:`edgeguard.protect.magicguard.attach`); it is part of the model, so every caller -- training,
+    fine-tuning attacks, quantization, export -- sees the guarded function.
+    """
 
     def __init__(self, net: Backbone, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
+        self.guard: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        z = self.net(self.normalize(x))
+        return z if self.guard is None else self.guard(z)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(self.normalize(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net.classifier(features)
+        z = self.net.classifier(features)
+        return z if self.guard is None else self.guard(z)
 
     @property
     def classifier(self) -> nn.Linear:

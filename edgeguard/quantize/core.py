@@ -19,6 +19,7 @@ from edgeguard.bundle import check_target, load_bundle, save_bundle, stage_recor
 from edgeguard.config import Config, DataConfig, require
 from edgeguard.errors import BackendUnavailable, BadInput
 from edgeguard.progress import log, silenced
+from edgeguard.protect import magicguard
 from edgeguard.training import TrainConfig, fit
 
 
@@ -202,14 +203,21 @@ def quantize_bundle(source: str | Path, out: str | Path, cfg: PtqConfig | QatCon
             extra = Mix(TensorData(key.as_float(), key.labels), 16)
             log("QAT: mixing the bundle's watermark triggers into every batch")
     model = bundle.load_model()
-    converted = quantize(model, cfg, data, extra=extra)
+    kept = magicguard.guard_paths(model)
+    if kept:  # the guard stays FP32: quantizing w*x (range 1e4-1e6) would turn the ripple into noise (spec 6.4)
+        base = base.replace(exclude=tuple(dict.fromkeys((*base.exclude, *kept))))
+        cfg = base if isinstance(cfg, PtqConfig) else cfg.replace(base=base)
+        log(f"MagicGuard: {', '.join(kept)} kept in FP32" + ("; QAT runs in owner mode" if isinstance(cfg, QatConfig) else ""))
+    with magicguard.owner_gradients(model):  # QAT is fine-tuning: through the guard it would destroy the model
+        converted = quantize(model, cfg, data, extra=extra)
     proto = to_onnx_proto(Deployed(converted), spec.input_shape, ExportConfig())
     _check_qdq_graph(proto, converted, data)
     mode = "ptq" if isinstance(cfg, PtqConfig) else "qat"
     quant_meta = {"mode": mode, "target": base.target, "calibration": base.calibration if mode == "ptq" else "qat",
                   "calib_samples": min(len(data), base.calib_samples) if mode == "ptq" else None,
                   "parent_sha256": bundle.sha256}
-    proto = finalize_onnx(proto, bundle, precision="int8", quantization=quant_meta)
+    guard = magicguard.export_record(bundle.manifest, proto)
+    proto = finalize_onnx(proto, bundle, precision="int8", quantization=quant_meta, magicguard=guard)
     qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
     stage = stage_record("quantize", cfg, mode=mode, target=base.target, qdq_nodes=qdq, data=data_cfg.to_dict())
     out_bundle = save_bundle(
