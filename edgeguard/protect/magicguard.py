@@ -393,6 +393,7 @@ def protect_magicguard(source: str | Path, out: str | Path, cfg: MagicGuardConfi
     if problems:
         raise CheckFailed("the guard changes the model's predictions (" + "; ".join(problems) + "); lower a, or choose "
                           "another site. Nothing was written")
-    stage = stage_record("magicguard", cfg, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in res.items()})
+    res = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in res.items()}
+    stage = stage_record("magicguard", cfg, **res)
     guarded = save_bundle(out, model, spec.with_guard(cfg.params()), stages=[*bundle.stages, stage], parent=bundle)
     return MagicGuardResult(str(guarded.path), guarded.sha256, cfg.params(), **res)
