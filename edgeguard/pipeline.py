@@ -363,10 +363,11 @@ def stage_evaluate(ctx: Context) -> None:
         acc[name] = res.to_json()
         ctx.check(f"accuracy {name}", res.passed, f"{res.accuracy:.4f} on {data.info.name}/{data.split} (min {cfg.min_accuracy})")
     parity = {}
+    atol = _parity_atol(ctx, cfg.parity_atol)
     for name in preds:
         if name == "bundle":
             continue
-        p = parity_from(preds["bundle"], preds[name], atol=_parity_atol(ctx, cfg.parity_atol), a="bundle", b=name)
+        p = parity_from(preds["bundle"], preds[name], atol=atol, a="bundle", b=name)
         parity[name] = p.to_json()
         if acc[name]["artifact"]["precision"] == "fp32":  # the same float model: must agree to the tolerance
             ctx.check(

@@ -283,23 +283,24 @@ def fit(
                     else:
                         logits = model(x)
                         value = loss_fn(logits, y)
-                    if value.requires_grad and (math.isfinite(float(value.detach())) or not stop_on_divergence):
+                    state.last_loss = float(value.detach())
+                    if not math.isfinite(state.last_loss):  # checked before the update: it is never applied
+                        state.step += 1
+                        if stop_on_divergence:
+                            state.diverged_at = state.step
+                            state.stop = True
+                            break
+                        raise CheckFailed(
+                            f"training diverged at step {state.step} (loss {state.last_loss}); lower the learning rate. "
+                            "Nothing was written"
+                        )
+                    if value.requires_grad:
                         value.backward()
                         if cfg.grad_clip:
                             torch.nn.utils.clip_grad_norm_([p for _, p in selected], cfg.grad_clip)
                         optimizer.step()
                     scheduler.step()
                     state.step += 1
-                    state.last_loss = float(value.detach())
-                    if not math.isfinite(state.last_loss) and stop_on_divergence:
-                        state.diverged_at = state.step  # the update that produced it was not applied
-                        state.stop = True
-                        break
-                    if not math.isfinite(state.last_loss):
-                        raise CheckFailed(
-                            f"training diverged at step {state.step} (loss {state.last_loss}); lower the learning rate. "
-                            "Nothing was written"
-                        )
                     loss_sum += state.last_loss * len(y)
                     n_seen += len(y)
                     if logits is not None:

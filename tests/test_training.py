@@ -140,6 +140,28 @@ def test_divergence_is_a_failed_check_not_a_model(digits):
         fit(_model(train), train.subset(range(128)), TrainConfig(epochs=3, lr=1e12, schedule="none"))
 
 
+def test_stop_on_divergence_records_the_step_and_applies_no_update_from_it(digits):
+    """With stop_on_divergence a non-finite loss ends training without an exception, and the parameters are left
+    exactly as they were after the last step whose loss was finite (that loss's update is never applied)."""
+    train, _ = digits
+    model = _model(train)
+
+    class Snapshot:
+        last = None
+
+        def on_step_end(self, state):
+            Snapshot.last = (state.step, {k: v.clone() for k, v in state.model.state_dict().items()})
+
+    res = fit(model, train.subset(range(128)), TrainConfig(epochs=3, lr=1e12, schedule="none"), stop_on_divergence=True,
+              hooks=[Snapshot()])
+    assert res.diverged_at is not None and res.steps == res.diverged_at <= 6
+    assert res.to_json()["diverged_at"] == res.diverged_at
+    step, state = Snapshot.last
+    assert step == res.diverged_at - 1
+    # parameters only: the diverging forward pass still moved BatchNorm's running statistics (train mode)
+    assert all(torch.allclose(state[k], p, rtol=0, atol=0, equal_nan=True) for k, p in model.named_parameters())
+
+
 def test_unknown_device_is_bad_input():
     with pytest.raises(BadInput, match="device must be cpu, cuda or cuda:N"):
         TrainConfig(device="gpu")

@@ -83,8 +83,7 @@ class _Checkpoints:
 
     def on_step_end(self, state) -> None:
         if state.step in self.at:
-            self.measure(state.model, state.step)
-            state.model.train()
+            self.measure(state.model, state.step)  # model_accuracy restores train mode
 
 
 @dataclass(frozen=True)

@@ -286,11 +286,10 @@ def check_guard_graph(proto, expected: int) -> list[list[str]]:
     return found
 
 
-def export_record(model_or_manifest: Any, proto) -> dict[str, Any] | None:
-    """The ``magicguard`` entry of an exported graph's metadata (site and the nodes to pin to FP32), or None.
-
-    ``a``, ``w`` and the seed are not written: they are the owner's (the constants are in the graph anyway)."""
-    cfg = model_or_manifest.get(MANIFEST_KEY) if isinstance(model_or_manifest, dict) else model_or_manifest
+def export_record(manifest: dict[str, Any], proto) -> dict[str, Any] | None:
+    """The ``magicguard`` entry of an exported graph's metadata (site and the nodes to pin to FP32), or None for a
+    bundle without a guard.  ``a``, ``w`` and the seed are not written: they are the owner's."""
+    cfg = manifest.get(MANIFEST_KEY)
     if not cfg:
         return None
     found = check_guard_graph(proto, 1)
