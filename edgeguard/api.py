@@ -228,15 +228,21 @@ def bench_artifacts(
 
 @dataclass(frozen=True)
 class VerifyResult:
-    watermark: Any  # WatermarkVerification
+    watermark: Any  # WatermarkVerification, or None when the vault holds no watermark
+    fragile: Any = None  # FragileVerification, or None when the vault holds no fragile enrolment
     clean: AccuracyResult | None = None
 
     @property
     def passed(self) -> bool:
-        return self.watermark.passed
+        return all(part.passed for part in (self.watermark, self.fragile) if part is not None)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"artifact": self.watermark.artifact, "watermark": self.watermark.to_json(), "passed": self.passed}
+        first = self.watermark if self.watermark is not None else self.fragile
+        out: dict[str, Any] = {"artifact": first.artifact, "passed": self.passed}
+        if self.watermark is not None:
+            out["watermark"] = self.watermark.to_json()
+        if self.fragile is not None:
+            out["fragile"] = self.fragile.to_json()
         if self.clean is not None:
             out["clean"] = self.clean.to_json()
         return out
@@ -251,9 +257,11 @@ def verify_artifact(
     split: str = "test",
     device: str | None = None,
 ) -> VerifyResult:
-    """Watermark verdict of an artifact against an owner vault (a bundle defaults to its own)."""
+    """Watermark verdict and fragile-trigger verdict of an artifact against an owner vault (a bundle defaults to its
+    own); each part runs when the vault holds it (``VAULT/vault.json`` watermark, ``VAULT/fragile``)."""
     from edgeguard.bundle import VAULT, Vault
-    from edgeguard.protect.watermark import verify_watermark
+    from edgeguard.protect.fragile import FragileStore, verify_store
+    from edgeguard.protect.watermark import VAULT_RECORD, verify_watermark
 
     if vault is None:
         if artifact_kind(artifact) != "bundle":
@@ -261,10 +269,16 @@ def verify_artifact(
         vault = Path(artifact) / VAULT
     if not Path(vault).is_dir():
         raise BadInput(f"vault {vault} does not exist")
+    owner = Vault(vault)
+    fragile = FragileStore.find(vault)
+    has_watermark = VAULT_RECORD in owner
+    if not has_watermark and fragile is None:
+        raise BadInput(f"vault {vault} holds neither a watermark nor a fragile enrolment")
     with open_runner(artifact, device=device) as runner:
-        wm = verify_watermark(runner, Vault(vault), alpha=alpha)
+        wm = verify_watermark(runner, owner, alpha=alpha) if has_watermark else None
+        fr = verify_store(runner, fragile) if fragile is not None else None
         clean = evaluate_accuracy(runner, load_data(data, split)) if data is not None else None
-    return VerifyResult(wm, clean)
+    return VerifyResult(wm, fr, clean)
 
 
 @dataclass(frozen=True)
@@ -291,5 +305,6 @@ def verify_artifacts(artifacts: list[str | Path], vault: str | Path | None = Non
         base = kw.pop("alpha", None)
         if base is None and vault is not None and Path(vault).is_dir():
             base = Vault(vault).get_json("watermark").get("alpha", 1e-3) if "watermark" in Vault(vault) else 1e-3
+        # the fragile verdict is exact (no significance level), so only the watermark's alpha is corrected
         kw["alpha"] = (base or 1e-3) / len(artifacts)
     return VerifyResults(tuple(verify_artifact(a, vault, **kw) for a in artifacts))

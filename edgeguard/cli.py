@@ -407,6 +407,48 @@ def protect_magicguard_cmd(bundle, out, a, w, site, ratio, variant, seed, json_p
                          f"{res.max_abs_change:.4f}{trig}")
 
 
+@protect_group.command("fragile")
+@ARTIFACT
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Fragile store to write, VAULT/fragile (default for a bundle: BUNDLE/vault/fragile).")
+@click.option("--surrogate", type=click.Path(path_type=Path), default=None,
+              help="Differentiable model to generate against (default: the artifact itself; needed for .engine).")
+@click.option("--key", "key_sha256", default=None, help="Enrol a trigger set already in --out (its sha256 prefix) instead of generating.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Triggers (default 100).")
+@click.option("--a", "a", type=click.FloatRange(min=0), default=None, help="Weight of Var(P) (default: from --margin).")
+@click.option("--margin", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Target log-probability margin of the key class, sets a (default 0.2).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Generator steps (default 300, as the paper's epochs).")
+@click.option("--variant", type=click.Choice(["full", "cla", "var", "non"]), default=None,
+              help="full: CE + a*Var (default, the method); cla: CE only; var: Var only; non: untrained generator.")
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Enrolment runs per batch size (default 10).")
+@click.option("--batch-sizes", default=None, help="Enrolment batch sizes, comma-separated (default 1,100).")
+@DEVICE
+@SEED
+@JSON_OUT
+def protect_fragile_cmd(artifact, out, surrogate, key_sha256, n, a, margin, steps, variant, repeats, batch_sizes, device,
+                        seed, json_path):
+    """Fragile triggers (Yin et al. 2022): generate triggers next to the decision boundaries of ARTIFACT and enrol
+    them on it (the artifact's own labels, stability and margin filters), so that `verify` detects any modification.
+
+    The model is never changed.  Enrol every artifact you ship (FP32 ONNX, INT8, each engine): a different backend
+    or precision is reported as drift, not tampering.
+    """
+    from edgeguard.protect.fragile import EnrolConfig, FragileConfig, protect_fragile
+
+    cfg = FragileConfig().replace(n=n, a=a, margin=margin, steps=steps, max_steps=max(3000, steps or 0), variant=variant, seed=seed)
+    given = {"repeats": repeats, "batch_sizes": batch_sizes}
+    enrol_cfg = EnrolConfig.from_mapping({k: v for k, v in given.items() if v is not None}, what="enrolment")
+    res = protect_fragile(artifact, out, cfg, enrol_cfg, surrogate=surrogate, key_sha256=key_sha256, device=device)
+    g = res.generation
+    gen = (f"generated against {res.surrogate} in {g['steps']} steps (a = {g['a']:.4g}, mean top-1 probability "
+           f"{g['mean_top1_probability']:.3f}); " if "steps" in g else "stored key; ")
+    emit(res, json_path, f"fragile triggers enrolled on {artifact} [{res.artifact['backend']} {res.artifact['precision']}]: "
+                         f"{gen}{res.kept}/{res.n} kept (margin >= {res.margin_floor:.2g}, min {res.margin_min:.3g}, noise "
+                         f"{res.noise:.2g}), agreement with the key {res.key_agreement:.3f}; re-verified "
+                         f"{res.check.verdict}; stored in {res.store} (key {res.trigger_sha256[:12]})")
+
+
 @cli.command("quantize")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--mode", type=click.Choice(["ptq", "qat"]), default="ptq", show_default=True)
@@ -452,17 +494,27 @@ def quantize_cmd(bundle, mode, target, out, calibration, calib_samples, calib_da
 @SEED
 @JSON_OUT
 def verify_cmd(artifacts, vault, alpha, dataset, data_root, split, device, seed, json_path):
-    """Verify the watermark on one or more artifacts, side by side (exit 0 only if present on all)."""
+    """Verify the watermark and the fragile triggers on one or more artifacts, side by side.
+
+    Exit 0 only if every part the vault holds passes: watermark present, fragile triggers intact.  Exit 1 when a
+    verdict is negative (watermark absent; fragile modified, or drift when the artifact was enrolled on another
+    backend or precision -- reported as deployment drift, not tampering).
+    """
     from edgeguard.api import verify_artifacts
 
     data = _data_config(dataset, data_root, ()) if dataset else None
     res = verify_artifacts(list(artifacts), vault, alpha=alpha, data=data, split=split, device=device)
     lines = []
     for r in res.results:
+        parts = []
         w = r.watermark
-        line = (f"watermark {w.verdict.upper()}: {w.matches}/{w.n} triggers match (p-value {w.p_value:.3g}, "
-                f"threshold {w.m_star} at alpha {w.alpha:g}, chance 1/{w.k}) on {w.artifact['path']} "
-                f"[{w.artifact['backend']} {w.artifact['precision']}]")
+        if w is not None:
+            parts.append(f"watermark {w.verdict.upper()}: {w.matches}/{w.n} triggers match (p-value {w.p_value:.3g}, "
+                         f"threshold {w.m_star} at alpha {w.alpha:g}, chance 1/{w.k})")
+        if r.fragile is not None:
+            parts.append(r.fragile.summary())
+        art = (w or r.fragile).artifact
+        line = f"{art['path']} [{art['backend']} {art['precision']}]: " + "; ".join(parts)
         if r.clean is not None:
             line += f"; clean accuracy {r.clean.accuracy:.4f} ({r.clean.correct}/{r.clean.n}) on {r.clean.dataset}/{r.clean.split}"
         lines.append(line)

@@ -1,7 +1,7 @@
 """``edgeguard pipeline --config configs/demo.yaml --out DIR``: every stage in-process, then a report.
 
 Stages: train -> watermark (optional) -> magicguard (optional: guard + destruction table) -> quantize (optional) -> export
--> evaluate (accuracy + parity) -> verify (watermark on the ONNX artifacts: unmarked, marked, after each removal attack)
+-> evaluate (accuracy + parity) -> fragile (optional: enrol the shipped ONNX, tamper detection) -> verify (watermark on the ONNX artifacts: unmarked, marked, after each removal attack)
 -> defenses -> extraction -> bench.
 
 The stages call the same library functions as the stage commands (``edgeguard.api``); later
@@ -113,6 +113,32 @@ class PipelineMagicGuardConfig(Config):
 
 
 @dataclass(frozen=True)
+class PipelineFragileConfig(Config):
+    """The fragile stage: generate triggers against the shipped FP32 ONNX, enrol them on it (and the same triggers on
+    the INT8 ONNX), re-verify, then tamper: one epoch of last-layer fine-tuning, and a tiny weight perturbation, each
+    re-exported and verified against the original enrolment."""
+
+    enabled: bool = False
+    n: int = 100
+    steps: int = 300
+    margin: float = 0.2
+    verifications: int = 20  # repeated verifications of the enrolled artifact (false alarms)
+    finetune_epochs: int = 1
+    finetune_lr: float = 1e-3  # the paper's SGD lr
+    weight_noise: float = 1e-3  # Gaussian noise, times each weight tensor's std (spec F10, informational)
+
+    def __post_init__(self) -> None:
+        self.to_fragile_config(0)
+        require(self.verifications >= 1 and self.finetune_epochs >= 1, "fragile.verifications and finetune_epochs must be >= 1")
+        require(self.weight_noise >= 0, "fragile.weight_noise must be >= 0")
+
+    def to_fragile_config(self, seed: int):
+        from edgeguard.protect.fragile import FragileConfig
+
+        return FragileConfig(n=self.n, steps=self.steps, max_steps=max(3000, self.steps), margin=self.margin, seed=seed)
+
+
+@dataclass(frozen=True)
 class PipelineQuantizeConfig(Config):
     """The quantize stage: the protected bundle to INT8 (PTQ or QAT), shipped as a second ONNX file."""
 
@@ -209,6 +235,7 @@ class PipelineConfig(Config):
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     watermark: PipelineWatermarkConfig = field(default_factory=PipelineWatermarkConfig)
     magicguard: PipelineMagicGuardConfig = field(default_factory=PipelineMagicGuardConfig)
+    fragile: PipelineFragileConfig = field(default_factory=PipelineFragileConfig)
     quantize: PipelineQuantizeConfig = field(default_factory=PipelineQuantizeConfig)
     attacks: PipelineAttacksConfig = field(default_factory=PipelineAttacksConfig)
     extraction: PipelineExtractionConfig = field(default_factory=PipelineExtractionConfig)
@@ -525,6 +552,76 @@ def stage_verify_watermark(ctx: Context) -> None:
     ctx.results["watermark"] = {"rows": rows, "attack": a.to_dict()}
 
 
+def _perturbed(bundle: str, out: Path, rel_std: float, seed: int) -> str:
+    """A copy of ``bundle`` with Gaussian noise of ``rel_std`` times each weight tensor's std added to every weight."""
+    import torch
+
+    from edgeguard.bundle import load_bundle, save_bundle, stage_record
+
+    b = load_bundle(bundle)
+    model = b.load_model()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=g) * float(p.std()) * rel_std)
+    stage = stage_record("weight_noise", None, relative_std=rel_std, seed=seed)
+    return str(save_bundle(out, model, b.spec, stages=[*b.stages, stage], parent=b, keep_vault=False).path)
+
+
+def stage_fragile(ctx: Context) -> None:
+    """Fragile triggers on the shipped ONNX: enrol, re-verify (no false alarm), drift on INT8, tamper detection."""
+    fr = ctx.cfg.fragile
+    if not fr.enabled:
+        return
+    from edgeguard.attacks import FinetuneConfig, finetune_attack
+    from edgeguard.errors import CheckFailed
+    from edgeguard.protect.fragile import FragileStore, protect_fragile, verify_store
+
+    folder = ctx.out / "fragile"
+    store_path = Path(ctx.bundle) / "vault" / "fragile"
+    res = protect_fragile(ctx.artifacts["onnx"], store_path, fr.to_fragile_config(ctx.cfg.seed))
+    store = FragileStore(store_path)
+    rows = []
+
+    def row(name: str, path: str, **extra: Any) -> dict[str, Any]:
+        with open_runner(path) as r:
+            v = verify_store(r, store)
+        rows.append({"artifact": name, "path": path, "verdict": v.verdict, "acc_tri": v.acc_tri, "kept": v.kept,
+                     "flipped": len(v.flipped), "max_deviation": v.max_deviation, "hash_matches": v.hash_matches, **extra})
+        return rows[-1]
+
+    with open_runner(ctx.artifacts["onnx"]) as r:
+        verdicts = [verify_store(r, store).verdict for _ in range(fr.verifications)]
+    shipped = row("shipped FP32 ONNX (enrolled)", ctx.artifacts["onnx"])
+    ctx.check("fragile triggers intact on the shipped ONNX", verdicts.count("intact") == fr.verifications,
+              f"{verdicts.count('intact')}/{fr.verifications} verifications intact, AccTri {shipped['acc_tri']:.3f} on "
+              f"{res.kept}/{res.n} enrolled triggers")
+    int8_enrol = None
+    if "onnx_int8" in ctx.artifacts:
+        row("INT8 ONNX, FP32 enrolment", ctx.artifacts["onnx_int8"])
+        try:  # the same triggers enrolled on the INT8 artifact (its own labels)
+            int8_enrol = protect_fragile(ctx.artifacts["onnx_int8"], store_path, key_sha256=res.trigger_sha256).to_json()
+            row("INT8 ONNX (enrolled)", ctx.artifacts["onnx_int8"])
+        except CheckFailed as e:
+            int8_enrol = {"error": str(e)}
+    data = ctx.cfg.data
+    ft = finetune_attack(ctx.bundle, folder / "ftll", FinetuneConfig(mode="ftll", epochs=fr.finetune_epochs,
+                                                                      lr=fr.finetune_lr, seed=ctx.cfg.seed))
+    ft_onnx = export_bundle(ft.bundle, folder / "ftll.onnx", ctx.cfg.export.export_config()).path
+    tampered = row(f"FTLL {fr.finetune_epochs} epoch, lr {fr.finetune_lr:g}, re-exported", ft_onnx,
+                   test_accuracy=ft.test_accuracy)
+    ctx.check("fragile triggers detect one epoch of fine-tuning", tampered["verdict"] == "modified",
+              f"{tampered['verdict']}, AccTri {tampered['acc_tri']:.3f} ({tampered['flipped']} triggers flipped), max "
+              f"|Δlog p| {tampered['max_deviation']:.2g} against a tolerance of {res.check.tolerance:.2g}")
+    if fr.weight_noise > 0:
+        noisy = _perturbed(ctx.bundle, folder / "noise", fr.weight_noise, ctx.cfg.seed)
+        row(f"weight noise {fr.weight_noise:g} x std, re-exported", export_bundle(noisy, folder / "noise.onnx",
+                                                                               ctx.cfg.export.export_config()).path)
+    ctx.results["fragile"] = {"enrol": res.to_json(), "int8_enrol": int8_enrol, "rows": rows, "data": data.name,
+                              "guarded": bool(ctx.cfg.magicguard.enabled)}
+
+
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("train", stage_train),
     ("watermark", stage_watermark),
@@ -533,6 +630,7 @@ STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("export", stage_export),
     ("evaluate", stage_evaluate),
     ("magicguard_fidelity", stage_magicguard_fidelity),
+    ("fragile", stage_fragile),
     ("verify", stage_verify_watermark),
     ("defenses", stage_defenses),
     ("extraction", stage_extraction),

@@ -60,4 +60,13 @@ def test_demo_pipeline_meets_the_acceptance_bar(tmp_path):
     assert x["none"]["fidelity"] > 0.3  # chance is 0.1
     assert x["heuristic"]["defense_l1_mean"] > 0 and x["none"]["defense_l1_mean"] == 0
     assert "## Model extraction (knockoff)" in md
-    assert report["seconds"]["total"] < 480
+    fr = report["results"]["fragile"]
+    rows = {r["artifact"]: r for r in fr["rows"]}
+    assert fr["enrol"]["kept"] >= 90 and fr["enrol"]["check"]["verdict"] == "intact"
+    assert rows["shipped FP32 ONNX (enrolled)"]["verdict"] == "intact" and rows["shipped FP32 ONNX (enrolled)"]["acc_tri"] == 1.0
+    assert rows["INT8 ONNX, FP32 enrolment"]["verdict"] == "drift"
+    assert rows["INT8 ONNX (enrolled)"]["verdict"] == "intact"
+    tampered = [r for r in fr["rows"] if r["artifact"].startswith(("FTLL", "weight noise"))]
+    assert len(tampered) == 2 and all(r["verdict"] == "modified" and not r["hash_matches"] for r in tampered)
+    assert "## Fragile triggers" in md
+    assert report["seconds"]["total"] < 540

@@ -67,7 +67,9 @@ class AttackResult:
         return dict(self.__dict__)
 
 
-class _FreezeBN:
+class FreezeBN:
+    """Hook: keep BatchNorm statistics fixed (eval mode) while the rest trains."""
+
     def on_epoch_start(self, state) -> None:
         for m in state.model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -102,7 +104,7 @@ def finetune_attack(source: str | Path, out: str | Path, cfg: FinetuneConfig | N
         model, data,
         TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, schedule="none", seed=cfg.seed),
         params=(lambda name, p: name.startswith("net.classifier")) if last_layer_only else None,
-        hooks=[_FreezeBN()] if cfg.freeze_bn else [],
+        hooks=[FreezeBN()] if cfg.freeze_bn else [],
         desc=f"attack {cfg.mode}",
         stop_on_divergence=True,  # a self-destructing (MagicGuard) model may blow up: that wreck is the result
     )

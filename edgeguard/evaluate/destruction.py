@@ -178,12 +178,10 @@ def run_destruction(source: str | Path, cfg: DestructionConfig | None = None) ->
 def plot_destruction(result: DestructionResult | dict[str, Any], path: str | Path) -> Path | None:
     """Accuracy vs fine-tuning steps, one panel per recipe: guarded (red) and unguarded (blue), one line per seed;
     trigger accuracy dashed.  Returns None where matplotlib is missing."""
-    try:
-        import matplotlib
+    from edgeguard.evaluate.plots import pyplot, save_panels
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     runs = result.runs if isinstance(result, DestructionResult) else result["runs"]
     chance = result.chance if isinstance(result, DestructionResult) else result["chance"]
@@ -202,11 +200,4 @@ def plot_destruction(result: DestructionResult | dict[str, Any], path: str | Pat
         ax.set_title(recipe, fontsize=9)
         ax.set_xlabel("fine-tuning steps")
         ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_panels(fig, axes, path, "accuracy")

@@ -78,6 +78,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                        rows, "lrrrrrl"), ""]
     if "magicguard" in res:
         out += _magicguard_section(res["magicguard"])
+    if "fragile" in res:
+        out += _fragile_section(res["fragile"])
     if "defenses" in res:
         d = res["defenses"]
         ood = d["ood"]["params"]
@@ -149,6 +151,29 @@ def _magicguard_section(mg: dict[str, Any]) -> list[str]:
         out += [f"![accuracy vs fine-tuning steps]({mg['plot']})", ""]
     out += ["Where the guard does not destroy (Adam at small learning rates, in particular) the table says so; an informed "
             "attacker who deletes the visible `Sin` node fine-tunes the stripped model like the unguarded row.", ""]
+    return out
+
+
+def _fragile_section(fr: dict[str, Any]) -> list[str]:
+    e = fr["enrol"]
+    g = e["generation"]
+    out = ["## Fragile triggers (Yin et al.: is this exactly the model we shipped?)", ""]
+    out += [f"{e['n']} triggers generated against {e['surrogate']} in {g['steps']} generator steps (a = {g['a']:.4g}; mean "
+            f"top-1 probability {g['mean_top1_probability']:.3f}, log-probability margin min {g['margin_min']:.3f} / median "
+            f"{g['margin_median']:.3f}), then enrolled on the artifact: {e['kept']}/{e['n']} kept (stable over repeated "
+            f"runs at batch sizes 1 and {e['n']}, margin >= {e['margin_floor']:.2g}; noise {e['noise']:.1e}). The model "
+            "itself is not changed. Verdict: intact iff every enrolled trigger keeps its label and every log-probability "
+            "stays within the enrolled tolerance; a changed file hash is reported as modified; another backend or "
+            "precision is drift, not tampering.", ""]
+    if fr.get("guarded"):
+        out += ["The shipped model is MagicGuard-protected, so the fine-tuning row also sets off its self-destruction; "
+                "the weight-noise row is a small edit without it.", ""]
+    rows = [[r["artifact"], r["verdict"], f"{r['acc_tri']:.3f}", f"{r['flipped']}/{r['kept']}", f"{r['max_deviation']:.2g}",
+             "yes" if r["hash_matches"] else "no", _num(r.get("test_accuracy"), ".4f")] for r in fr["rows"]]
+    out += [_table(["artifact", "verdict", "AccTri", "flipped", "max |Δlog p|", "same file", "test accuracy"], rows,
+                   "llrrrll"), ""]
+    if isinstance(fr.get("int8_enrol"), dict) and "error" in fr["int8_enrol"]:
+        out += [f"INT8 enrolment of the same triggers failed: {fr['int8_enrol']['error']}", ""]
     return out
 
 
