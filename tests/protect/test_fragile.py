@@ -108,6 +108,7 @@ def enrolled(tiny_onnx, tmp_path_factory):
     return res, vault
 
 
+@pytest.mark.slow  # two generations against the PyTorch model (about a minute and a half on 2 cores)
 def test_generation_is_flat_and_leaves_the_model_untouched(tiny_bundle, digits_test):
     """F4, F5: AccTri 1.0, flat softmax for CE + a·Var, peaked for CE only; model state and predictions unchanged."""
     model = load_bundle(tiny_bundle).load_model()
