@@ -64,3 +64,36 @@ def tiny_int8(tiny_bundle, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_int8") / "int8"
     return quantize_bundle(tiny_bundle, out, PtqConfig(target="tensorrt", calib_samples=256)).bundle
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """``install(version="10.3.0.26", **cudart_options) -> (trt, cudart)``: a fake tensorrt module and cuda-python
+    runtime (tests/fake_tensorrt.py) for the no-GPU tests of the TensorRT code paths; torch is told it sees no GPU,
+    so the cuda-python path runs."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from edgeguard.runtime import trt_env
+
+    spec = importlib.util.spec_from_file_location("fake_tensorrt", Path(__file__).with_name("fake_tensorrt.py"))
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+
+    def install(version: str = "10.3.0.26", **cudart_options):
+        trt, rt = fake.make_tensorrt(version), fake.make_cudart(**cudart_options)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(trt_env, "_cudart", lambda: rt)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        return trt, rt
+
+    return install
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """tensorrt cannot be imported (whether or not this machine has it)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
