@@ -360,7 +360,7 @@ def build_engine_cmd(onnx_path, out, fp16, workspace_mib, timing_cache, min_batc
 @ARTIFACT
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Golden file to write (.npz).")
 @click.option("--vault", type=click.Path(path_type=Path), default=None,
-              help="Also record the vault's watermark triggers (the file is then as secret as the vault).")
+              help="Also record the vault's watermark and fragile triggers (the file is then as secret as the vault).")
 @DATASET
 @DATA_ROOT
 @SPLIT

@@ -13,6 +13,8 @@ Steps, each an ``edgeguard`` command whose exit code and JSON are kept:
 2. ``golden-check`` of the engine against golden.npz (recorded in CI from ONNX Runtime on CPU).
 3. ``verify`` of the watermark with the owner vault (when --vault is given).  A fragile-trigger result is reported
    when ``edgeguard verify`` returns one (a vault with a fragile store); otherwise it is marked not checked.
+   ``--enrol-fragile`` first enrols fragile triggers on the freshly built engine (generated against --onnx): every
+   engine build is a new artifact and needs its own enrolment (fragile spec 9.3).
 4. ``bench`` of the engine, with the power mode (``nvpmodel -q``) and ``jetson_clocks`` state recorded.
 
 Exit code: 0 when every step passed, else the first failing step's code (1 check failed, 2 bad input,
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--golden", type=Path, required=True, help="Golden outputs recorded in CI (edgeguard golden).")
     ap.add_argument("--out-dir", type=Path, required=True, help="Where the engine, cache and reports go.")
     ap.add_argument("--vault", type=Path, default=None, help="Owner vault: verify the watermark on the engine.")
+    ap.add_argument("--enrol-fragile", action="store_true",
+                    help="Enrol fragile triggers on the new engine (generated against --onnx) into VAULT/fragile first.")
     ap.add_argument("--fp16", action="store_true", help="Weakly typed FP16 build (TensorRT 10.x only).")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,8", help="Benchmark batch sizes.")
@@ -151,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if steps["build_engine"]["rc"] == 0:
         steps["golden_check"] = edgeguard(["golden-check", str(engine), str(a.golden)], out / "golden_check.json")
+        if a.vault is not None and a.enrol_fragile:
+            steps["fragile_enrol"] = edgeguard(["protect", "fragile", str(engine), "--out", str(a.vault / "fragile"),
+                                                "--surrogate", str(a.onnx)], out / "fragile_enrol.json")
         if a.vault is not None:
             v = edgeguard(["verify", str(engine), "--vault", str(a.vault)], out / "verify.json")
             steps["watermark"] = v

@@ -1,7 +1,7 @@
 """Golden outputs: record an artifact's probabilities on fixed inputs on CPU, check any artifact against them.
 
 ``record_golden`` runs a reference artifact (normally the shipped ``.onnx`` in ONNX Runtime on CPU) on the first
-``n`` images of a dataset split and, when an owner vault is given, on its watermark triggers, and writes one
+``n`` images of a dataset split and, when an owner vault is given, on its watermark and fragile triggers, and writes one
 ``.npz`` (inputs, probabilities, a JSON header).  ``check_golden`` runs another artifact (the engine on the GPU or
 Jetson, a bundle, another ONNX) on the same inputs and compares, group by group (spec 5.5 and 7):
 
@@ -62,7 +62,8 @@ class GoldenRecord:
 
 def record_golden(artifact: str | Path, out: str | Path, cfg: GoldenConfig | None = None, *,
                   vault: str | Path | None = None) -> GoldenRecord:
-    """Run ``artifact`` on CPU on the clean inputs (and the vault's watermark triggers) and write ``out`` (.npz)."""
+    """Run ``artifact`` on CPU on the clean inputs (and the vault's watermark and fragile triggers) and write ``out``
+    (.npz)."""
     from edgeguard.api import load_data
     from edgeguard.bundle import Vault
     from edgeguard.protect.watermark import read_key
@@ -80,9 +81,20 @@ def record_golden(artifact: str | Path, out: str | Path, cfg: GoldenConfig | Non
     groups["clean"] = data.images[:n].numpy()
     labels = {"clean": data.labels[:n].numpy()}
     if vault is not None:
-        key, _ = read_key(Vault(vault))
-        groups["watermark"] = key.images.numpy()
-        labels["watermark"] = key.labels.numpy()
+        from edgeguard.protect.fragile import FragileStore
+        from edgeguard.protect.watermark import VAULT_RECORD
+
+        if VAULT_RECORD in Vault(vault):
+            key, _ = read_key(Vault(vault))
+            groups["watermark"] = key.images.numpy()
+            labels["watermark"] = key.labels.numpy()
+        store = FragileStore.find(vault)
+        for sha in dict.fromkeys(r["trigger_sha256"] for r in (store.records() if store else [])):
+            fkey = store.get_key(sha)  # every fragile trigger set enrolled from this vault
+            groups[f"fragile-{sha[:12]}"] = fkey.images.numpy()
+            labels[f"fragile-{sha[:12]}"] = fkey.key.numpy()
+        if len(groups) == 1:
+            raise BadInput(f"vault {vault} holds neither a watermark nor a fragile enrolment")
     arrays: dict[str, np.ndarray] = {}
     with open_runner(artifact, device="cpu") as runner:
         info = runner.info
