@@ -86,6 +86,22 @@ def test_record_and_check_same_artifact(tiny_onnx, tmp_path):
     assert all(x.max_abs_diff <= 1e-6 and x.top1_agreement == 1.0 for x in res.groups)
 
 
+def test_record_includes_the_fragile_trigger_sets(tiny_onnx, tmp_path):
+    """A vault with a fragile store: each enrolled trigger set becomes a group, run and compared like the others."""
+    from edgeguard.protect.fragile import FragileConfig, protect_fragile
+
+    vault = tmp_path / "vault"
+    res = protect_fragile(tiny_onnx, vault / "fragile", FragileConfig(n=20, steps=100))
+    g = tmp_path / "golden.npz"
+    rec = record_golden(tiny_onnx, g, GoldenConfig(n=32), vault=vault)
+    name = f"fragile-{res.trigger_sha256[:12]}"
+    assert rec.groups == {"clean": 32, name: 20}  # no watermark in this vault
+    _, groups = load_golden(g)
+    assert groups[name]["inputs"].dtype == np.uint8
+    assert (groups[name]["probs"].argmax(1) == groups[name]["labels"]).mean() >= 0.9  # triggers carry their key
+    assert check_golden(tiny_onnx, g).passed
+
+
 def test_bundle_agrees_with_its_export(tiny_bundle, tiny_onnx, tmp_path):
     g = tmp_path / "golden.npz"
     record_golden(tiny_onnx, g, GoldenConfig(n=128))
