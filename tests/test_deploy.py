@@ -135,3 +135,78 @@ def test_serve_over_a_cpu_runner(tiny_onnx, digits_test):
         finally:
             server.shutdown()
             server.server_close()
+
+
+# --- deploy/gpu_check.sh (issue 15): the one-shot GPU check ---------------------------------------------------
+
+GPU_CHECK = JETSON.parent / "gpu_check.sh"
+
+
+def test_gpu_check_shell_syntax():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+
+
+def _gpu_check_env(tmp_path, **extra):
+    import os
+    import sys
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    smi = fake_bin / "nvidia-smi"  # a host whose driver answers "no devices"
+    smi.write_text("#!/bin/sh\necho 'No devices were found' >&2\nexit 6\n")
+    smi.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", GPU_CHECK_BASE_PYTHON=sys.executable, **extra)
+    env.pop("OUT", None)
+    return env
+
+
+def test_gpu_check_without_gpu_exits_3_after_the_probe(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run(["bash", str(GPU_CHECK), str(out)], env=_gpu_check_env(tmp_path), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 3, p.stderr
+    env = json.loads((out / "gpu_env.json").read_text())
+    assert env["gpu_found"] is False and env["gpus"] == []
+    assert env["nvidia_smi"].startswith("No devices")
+    assert "torch" in env["python"] and "tensorrt" in env["python"]
+    assert not (out / "gpu_check.json").exists()  # nothing past the probe ran
+    assert "no usable NVIDIA GPU" in p.stderr
+
+
+def test_gpu_check_install_stage_reports_missing_tensorrt(tmp_path, no_tensorrt):
+    import sys
+
+    spec = importlib.util.spec_from_file_location("deploy_gpu_check", JETSON.parent / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    assert gc.install(tmp_path) == 3
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["passed"] is False and "tensorrt" in report["blocked"]
+    assert report["stages"]["install"]["python"]["executable"] == sys.executable
+
+
+@pytest.mark.slow
+def test_gpu_check_end_to_end_with_fake_tensorrt(tmp_path):
+    """Every stage of the script on CPU against the fake tensorrt/cuda-python (tests/fake_trt_site): the commands,
+    paths and JSON plumbing are exercised; TensorRT numerics are not (the fake engine is ONNX Runtime)."""
+    import sys
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    site = Path(__file__).resolve().parent / "fake_trt_site"
+    env = _gpu_check_env(tmp_path, GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_PYTHON=sys.executable, GPU_CHECK_MODELS="demo",
+                         GPU_CHECK_QUICK="1", GPU_CHECK_FRAGILE="0", GPU_CHECK_WORK=str(work), PYTHONPATH=str(site))
+    p = subprocess.run(["bash", str(GPU_CHECK), str(out)], env=env, capture_output=True, text=True, timeout=1500)
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert p.returncode == 0, (report.get("failures"), p.stdout[-2000:])
+    engines = report["stages"]["engines"]["engines"]
+    assert set(engines) == {"demo/fp32", "demo/fp32-fp16", "demo/int8", "demo/int8_heuristic"}  # fake is 10.x
+    for key, e in engines.items():
+        steps = e["device_check"]["steps"]
+        assert steps["build_engine"]["rc"] == 0 and steps["golden_check"]["rc"] == 0, key
+        assert e["watermark_verdict"] == e["onnx_watermark_verdict"] == "present", key
+        assert e["extract"]["result"]["queries_used"] == 500, key
+    rows = report["stages"]["bench"]["table"]
+    assert {(r["run"], r["batch"]) for r in rows} >= {("demo/int8/trt", 1), ("demo/int8/trt", 64), ("demo/fp32/ort-cpu", 1)}
+    assert "| run | backend |" in p.stdout
