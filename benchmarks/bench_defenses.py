@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def part_trained(work: Path, iterations: int, quick: bool) -> dict[str, Any]:
-    from edgeguard.api import default_ood, export_bundle, load_data, train_bundle
+    from edgeguard.api import export_bundle, train_bundle
     from edgeguard.config import DataConfig, ModelConfig
+    from edgeguard.data import default_ood, load_data
     from edgeguard.defenses import defense_label
     from edgeguard.evaluate import BenchConfig
     from edgeguard.evaluate.defense import measure_defense

@@ -24,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_runtimes  # noqa: E402  (machine info)
 
-from edgeguard.api import export_bundle, load_data, train_bundle  # noqa: E402
+from edgeguard.api import export_bundle, train_bundle  # noqa: E402
 from edgeguard.config import DataConfig, ModelConfig  # noqa: E402
+from edgeguard.data import load_data  # noqa: E402
 from edgeguard.evaluate import evaluate_accuracy  # noqa: E402
 from edgeguard.evaluate.destruction import DestructionConfig, Recipe, plot_destruction, run_destruction  # noqa: E402
 from edgeguard.protect import WatermarkConfig, embed_watermark  # noqa: E402

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,7 +108,7 @@ def probe(out: Path) -> int:
         for line in smi.strip().splitlines():
             parts = [p.strip() for p in line.split(",")]
             if len(parts) == 4:
-                gpus.append(dict(zip(("name", "driver", "memory", "compute_cap"), parts)))
+                gpus.append(dict(zip(("name", "driver", "memory", "compute_cap"), parts, strict=True)))
     env["gpus"] = gpus
     env["nvidia_smi"] = "ok" if rc == 0 else (err.strip() or f"exit {rc}")[:200]
     rc, head, _ = sh(["nvidia-smi"], timeout=60)

@@ -13,22 +13,33 @@ from typing import Any
 
 import torch
 
-from edgeguard.bundle import Bundle, ModelSpec, check_target, load_bundle, save_bundle, stage_record
+from edgeguard.bundle import (
+    VAULT,
+    Bundle,
+    ModelSpec,
+    Vault,
+    bundle_data_config,
+    check_target,
+    is_bundle,
+    load_bundle,
+    save_bundle,
+    stage_record,
+)
 from edgeguard.config import DataConfig, ModelConfig
-from edgeguard.data import ImageDataset, load_dataset
+from edgeguard.data import default_ood, load_data
+from edgeguard.defenses import defense_config, make_defense
 from edgeguard.defenses.base import DefenseContext
 from edgeguard.errors import BadInput
 from edgeguard.evaluate import AccuracyResult, BenchConfig, BenchResult, bench_runners, evaluate_accuracy
+from edgeguard.evaluate.defense import DefenseMeasurement, measure_defense
 from edgeguard.export import ExportConfig, ExportResult, export_onnx
 from edgeguard.models import count_parameters, create_model
+from edgeguard.protect.fragile import FragileStore, verify_store
+from edgeguard.protect.watermark import VAULT_RECORD, verify_watermark
 from edgeguard.runtime import artifact_kind, open_runner
 from edgeguard.training import FitResult, TrainConfig, fit
 
 VAL_FRACTION = 0.1  # held out of the training split when early stopping needs a validation set
-
-
-def load_data(cfg: DataConfig, split: str) -> ImageDataset:
-    return load_dataset(cfg.name, split, root=cfg.root, **cfg.options)
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,11 @@ def train_bundle(data: DataConfig, model: ModelConfig, train: TrainConfig, out: 
     return TrainResult(str(bundle.path), bundle.sha256, model.arch, data.name, count_parameters(net), result)
 
 
+def artifact_data(artifact: str | Path) -> DataConfig:
+    """The dataset to evaluate an artifact on when none is named: a bundle's own training data, else digits."""
+    return bundle_data_config(load_bundle(artifact, verify=False)) if is_bundle(artifact) else DataConfig()
+
+
 def evaluate_artifact(
     artifact: str | Path,
     data: DataConfig,
@@ -94,12 +110,6 @@ def evaluate_artifact(
         return evaluate_accuracy(runner, load_data(data, split), batch_size=batch_size, min_accuracy=min_accuracy)
 
 
-def default_ood(input_shape) -> DataConfig:
-    """The out-of-distribution query set used when none is named: procedural gratings at the model's input shape."""
-    c, h, _ = input_shape
-    return DataConfig("synthetic", options={"n": 500, "size": int(h), "channels": int(c), "seed": 7})
-
-
 def evaluate_defense(
     artifact: str | Path,
     data: DataConfig,
@@ -110,7 +120,6 @@ def evaluate_defense(
     device: str | None = None,
 ):
     """Defense measurements of a defended artifact against its own undefended view (see evaluate.defense)."""
-    from edgeguard.evaluate.defense import measure_defense
 
     with open_runner(artifact, device=device) as defended, open_runner(artifact, device=device, undefended=True) as clean:
         if defended.info.defense == "none":
@@ -123,9 +132,52 @@ def evaluate_defense(
                                params=record.get("params", {}), placement=record.get("placement", "graph"))
 
 
+@dataclass(frozen=True)
+class EvaluationResult:
+    """``edgeguard evaluate``: accuracy of an artifact, plus the defense measurements when it carries a defense."""
+
+    accuracy: AccuracyResult
+    defense: DefenseMeasurement | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.accuracy.passed
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.accuracy.to_json()
+        if self.defense is not None:
+            out["defense_measurements"] = self.defense.to_json()
+        return out
+
+    def summary(self) -> str:
+        a, art = self.accuracy, self.accuracy.artifact
+        line = (f"accuracy {a.accuracy:.4f} ({a.correct}/{a.n}) on {a.dataset}/{a.split}: "
+                f"{art['path']} [{art['backend']} {art['precision']}, defense {art['defense']}]")
+        return line + ("\n" + self.defense.summary() if self.defense is not None else "")
+
+
+def evaluate(
+    artifact: str | Path,
+    data: DataConfig,
+    *,
+    split: str = "test",
+    min_accuracy: float | None = None,
+    ood: DataConfig | None = None,
+    latency: bool = True,
+    device: str | None = None,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Accuracy of ``artifact`` on ``data``; for a defended artifact also the defense against its undefended view
+    (agreement, L1 on the split and on ``ood``, and, with ``latency``, the overhead at batch 1 and 64)."""
+    acc = evaluate_artifact(artifact, data, split=split, min_accuracy=min_accuracy, device=device)
+    if acc.artifact["defense"] == "none":
+        return EvaluationResult(acc)
+    bench = BenchConfig(batch_sizes=(1, 64), warmup=5, iterations=60, seed=seed) if latency else None
+    return EvaluationResult(acc, evaluate_defense(artifact, data, split=split, ood=ood, bench=bench, device=device))
+
+
 def defense_context(bundle: Bundle, *, seed: int = 0, max_train: int | None = None) -> DefenseContext:
     """What a defense may build itself from: the bundle's architecture, training data and undefended outputs."""
-    from edgeguard.protect.watermark import bundle_data_config
 
     spec = bundle.spec
 
@@ -156,7 +208,6 @@ def export_bundle(
     defense_params: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Export a bundle to ONNX with the named defense (built from the bundle when it needs a model or data)."""
-    from edgeguard.defenses import defense_config, make_defense
 
     if artifact_kind(bundle) != "bundle":
         raise BadInput(f"export takes a bundle folder, not {bundle}")
@@ -236,6 +287,22 @@ class VerifyResult:
     def passed(self) -> bool:
         return all(part.passed for part in (self.watermark, self.fragile) if part is not None)
 
+    def summary(self) -> str:
+        """One line: the artifact, then each verdict the vault allowed, then the clean accuracy if measured."""
+        parts = []
+        w = self.watermark
+        if w is not None:
+            parts.append(f"watermark {w.verdict.upper()}: {w.matches}/{w.n} triggers match (p-value {w.p_value:.3g}, "
+                         f"threshold {w.m_star} at alpha {w.alpha:g}, chance 1/{w.k})")
+        if self.fragile is not None:
+            parts.append(self.fragile.summary())
+        art = (w or self.fragile).artifact
+        line = f"{art['path']} [{art['backend']} {art['precision']}]: " + "; ".join(parts)
+        if self.clean is not None:
+            c = self.clean
+            line += f"; clean accuracy {c.accuracy:.4f} ({c.correct}/{c.n}) on {c.dataset}/{c.split}"
+        return line
+
     def to_json(self) -> dict[str, Any]:
         first = self.watermark if self.watermark is not None else self.fragile
         out: dict[str, Any] = {"artifact": first.artifact, "passed": self.passed}
@@ -259,9 +326,6 @@ def verify_artifact(
 ) -> VerifyResult:
     """Watermark verdict and fragile-trigger verdict of an artifact against an owner vault (a bundle defaults to its
     own); each part runs when the vault holds it (``VAULT/vault.json`` watermark, ``VAULT/fragile``)."""
-    from edgeguard.bundle import VAULT, Vault
-    from edgeguard.protect.fragile import FragileStore, verify_store
-    from edgeguard.protect.watermark import VAULT_RECORD, verify_watermark
 
     if vault is None:
         if artifact_kind(artifact) != "bundle":
@@ -289,6 +353,9 @@ class VerifyResults:
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
+    def summary(self) -> str:
+        return "\n".join(r.summary() for r in self.results)
+
     def to_json(self) -> dict[str, Any]:
         if len(self.results) == 1:
             return self.results[0].to_json()
@@ -300,7 +367,6 @@ def verify_artifacts(artifacts: list[str | Path], vault: str | Path | None = Non
     if vault is None and len(artifacts) > 1:
         vault = Path(artifacts[0]) / "vault" if artifact_kind(artifacts[0]) == "bundle" else None
     if len(artifacts) > 1:  # one claim over several artifacts: Bonferroni (spec 5.1)
-        from edgeguard.bundle import Vault
 
         base = kw.pop("alpha", None)
         if base is None and vault is not None and Path(vault).is_dir():

@@ -22,8 +22,11 @@ from typing import Any
 import torch
 
 from edgeguard import __version__
+from edgeguard.config import DataConfig, config_from_dict
 from edgeguard.errors import BadInput
 from edgeguard.fileio import atomic_dir, atomic_write, atomic_write_json, sha256_file
+from edgeguard.models import create_model
+from edgeguard.models.guard import MagicGuardConfig, attach
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.pt"
@@ -73,7 +76,6 @@ class ModelSpec:
     guard: Mapping[str, Any] | None = None  # MagicGuard config params (manifest "magicguard"), re-inserted on build
 
     def build(self) -> torch.nn.Module:
-        from edgeguard.models import create_model
 
         model = create_model(
             self.arch,
@@ -84,7 +86,6 @@ class ModelSpec:
             **dict(self.options),
         )
         if self.guard:
-            from edgeguard.protect.magicguard import MagicGuardConfig, attach
 
             attach(model, MagicGuardConfig.from_mapping(self.guard, what="manifest magicguard"), self.input_shape)
         return model
@@ -337,3 +338,11 @@ class Vault:
 
     def get_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return _load_state_dict(self._file(name, "tensors"))
+
+
+def bundle_data_config(bundle: Bundle) -> DataConfig:
+    """The dataset a bundle was trained on (its first ``train`` stage), else the default."""
+    for st in bundle.stages:
+        if st.get("stage") == "train" and "data" in st:
+            return config_from_dict(st["data"])  # type: ignore[return-value]
+    return DataConfig()

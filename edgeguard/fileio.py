@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from edgeguard.errors import BadInput
+
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -71,7 +73,6 @@ def atomic_dir(path: str | Path, *, may_replace: Callable[[Path], bool]) -> Iter
         yield tmp
         if path.exists():
             if not may_replace(path):
-                from edgeguard.errors import BadInput
 
                 raise BadInput(f"refusing to overwrite {path}: it exists and is not an edgeguard bundle")
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -85,3 +86,24 @@ def atomic_dir(path: str | Path, *, may_replace: Callable[[Path], bool]) -> Iter
             os.replace(old, path)  # interrupted between the two renames: put the previous folder back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_run_dir(out: Path, marker: str, what: str) -> None:
+    """``out`` may be a new folder, an empty one, or an earlier edgeguard run of the same kind (it holds ``marker``);
+    anything else is refused with one sentence, before any work."""
+
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        raise BadInput(f"refusing to write into {out}: it holds files that are not an {what} (choose another --out)")
+
+
+def claim_run_dir(out: Path, marker: str, what: str, stale: tuple[str, ...] = ()) -> None:
+    """Check ``out`` (:func:`check_run_dir`), mark it as ours and remove an earlier run's reports (``stale`` globs), so
+    a failed or interrupted run never leaves an earlier run's verdict beside new artifacts."""
+    check_run_dir(out, marker, what)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).write_text(f"{what} folder\n")
+    for pattern in stale:
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)

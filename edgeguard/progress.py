@@ -84,3 +84,8 @@ def silenced(*loggers: str) -> Iterator[io.StringIO]:
     finally:
         for lg, level in zip(handles, levels, strict=True):
             lg.setLevel(level)
+
+
+def quiet_exporter():
+    """torch.onnx's dynamo exporter narrates on stdout/stderr; keep what it says for the error message only."""
+    return silenced("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeguard.evaluate.metrics import parity_from
+from edgeguard.runtime.parity import parity_from
 
 
 def assert_parity(reference: np.ndarray, candidate: np.ndarray, *, atol: float = 1e-5) -> None:

@@ -173,7 +173,7 @@ def test_gpu_check_without_gpu_exits_3_after_the_probe(tmp_path):
     assert "no usable NVIDIA GPU" in p.stderr
 
 
-def test_gpu_check_install_stage_reports_missing_tensorrt(tmp_path, no_tensorrt):
+def test_gpu_check_install_stage_reports_missing_tensorrt(tmp_path):
     import sys
 
     spec = importlib.util.spec_from_file_location("deploy_gpu_check", JETSON.parent / "gpu_check.py")

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from edgeguard.attacks.base import ATTACKS
-from edgeguard.bundle import check_target, load_bundle, save_bundle, stage_record
+from edgeguard.bundle import bundle_data_config, check_target, load_bundle, save_bundle, stage_record
 from edgeguard.config import Config, DataConfig, require
+from edgeguard.data import load_data
 from edgeguard.errors import BadInput
 from edgeguard.training import TrainConfig, fit, model_accuracy
 
@@ -78,8 +79,6 @@ class FreezeBN:
 
 @ATTACKS.register("finetune", family="removal", config=FinetuneConfig)
 def finetune_attack(source: str | Path, out: str | Path, cfg: FinetuneConfig | None = None) -> AttackResult:
-    from edgeguard.api import load_data
-    from edgeguard.protect.watermark import bundle_data_config
 
     cfg = cfg or FinetuneConfig()
     check_target(out)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from edgeguard.config import Config, require
 from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, softmax_np
 from edgeguard.errors import BadInput
+from edgeguard.training import TensorData, TrainConfig, fit
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,6 @@ class AdaptiveMisinformation(Defense):
 
 @DEFENSES.register("adaptive_misinformation", config=AdaptiveMisinformationConfig, fusable=True, host=False)
 def build_adaptive_misinformation(cfg: AdaptiveMisinformationConfig, ctx: DefenseContext) -> AdaptiveMisinformation:
-    from edgeguard.training import TensorData, TrainConfig, fit
 
     if ctx.model_factory is None or ctx.train_images is None:
         raise BadInput("adaptive_misinformation trains a misinformation model on the protected model's training data; "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from edgeguard.config import Config
+from edgeguard.errors import BadInput
 from edgeguard.registry import Registry
 
 DEFENSES = Registry("defense")
@@ -113,7 +114,6 @@ def load_state(module: Defense, state: Any) -> Defense:
     """Load a host-side defense's saved ``state_dict()`` (its sidecar); a state that does not fit is a BadInput."""
     from collections.abc import Mapping
 
-    from edgeguard.errors import BadInput
 
     if not isinstance(state, Mapping):
         raise BadInput(f"{module.name} state must be a state dict of tensors")

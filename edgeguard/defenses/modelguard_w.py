@@ -47,6 +47,7 @@ import torch
 
 from edgeguard.config import Config, require
 from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, softmax_np
+from edgeguard.errors import BackendUnavailable
 
 LOG_OFFSET = 1e-6  # c_j = log(y_j + 1e-6), hard-coded in the official code
 _INFEASIBLE = 1e4  # cost of a candidate t that admits no feasible y' (f itself lies within [-14, 0])
@@ -209,7 +210,6 @@ def lp_reference(y: np.ndarray, eps: float, margin: float = 1e-4) -> np.ndarray:
     try:
         import pulp
     except ImportError:
-        from edgeguard.errors import BackendUnavailable
 
         raise BackendUnavailable("ModelGuard-W's LP solver needs PuLP: pip install 'edgeguard[lp]'") from None
     y = np.atleast_2d(np.asarray(y, dtype=np.float64))

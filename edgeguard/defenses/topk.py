@@ -14,6 +14,7 @@ import torch
 
 from edgeguard.config import Config, require
 from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, one_hot_of, softmax_np
+from edgeguard.errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,6 @@ class TopK(Defense):
 @DEFENSES.register("topk", config=TopKConfig, fusable=True, host=False)
 def build_topk(cfg: TopKConfig, ctx: DefenseContext) -> TopK:
     if cfg.k > ctx.num_classes:
-        from edgeguard.errors import BadInput
 
         raise BadInput(f"topk k={cfg.k} exceeds the model's {ctx.num_classes} classes")
     return TopK(cfg, ctx.num_classes)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgeguard.data import ImageDataset
+from edgeguard.errors import BadInput
 from edgeguard.evaluate.bench import BenchConfig, bench_runners
 from edgeguard.evaluate.metrics import check_compatible
 from edgeguard.runtime import Runner
@@ -111,7 +112,6 @@ def measure_defense(
     if ood is not None:
         xo, _ = ood.tensors()
         if tuple(xo.shape[1:]) != tuple(d for d in defended.info.input_shape):
-            from edgeguard.errors import BadInput
 
             raise BadInput(f"the out-of-distribution set has images {tuple(xo.shape[1:])}, the model takes "
                            f"{tuple(defended.info.input_shape)}")

@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edgeguard.bundle import bundle_data_config, load_bundle
 from edgeguard.config import Config, require
+from edgeguard.data import load_data
 from edgeguard.errors import BadInput
+from edgeguard.evaluate.plots import pyplot, save_panels
 from edgeguard.progress import log
+from edgeguard.protect.magicguard import strip
+from edgeguard.protect.watermark import VAULT_RECORD, read_key
 from edgeguard.training import TensorData, TrainConfig, fit, model_accuracy
 
 
@@ -142,10 +147,6 @@ def _finetune_curve(model, train, test, triggers, recipe: Recipe, cfg: Destructi
 
 def run_destruction(source: str | Path, cfg: DestructionConfig | None = None) -> DestructionResult:
     """Fine-tune the guarded bundle ``source`` and its stripped copy under every recipe and seed."""
-    from edgeguard.api import load_data
-    from edgeguard.bundle import load_bundle
-    from edgeguard.protect.magicguard import strip
-    from edgeguard.protect.watermark import VAULT_RECORD, bundle_data_config, read_key
 
     cfg = cfg or DestructionConfig()
     bundle = load_bundle(source)
@@ -178,7 +179,6 @@ def run_destruction(source: str | Path, cfg: DestructionConfig | None = None) ->
 def plot_destruction(result: DestructionResult | dict[str, Any], path: str | Path) -> Path | None:
     """Accuracy vs fine-tuning steps, one panel per recipe: guarded (red) and unguarded (blue), one line per seed;
     trigger accuracy dashed.  Returns None where matplotlib is missing."""
-    from edgeguard.evaluate.plots import pyplot, save_panels
 
     plt = pyplot()
     if plt is None:

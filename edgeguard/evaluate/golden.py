@@ -28,9 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from edgeguard.bundle import Vault
 from edgeguard.config import Config, DataConfig, require
+from edgeguard.data import load_data
 from edgeguard.errors import BadInput
 from edgeguard.fileio import atomic_write, sha256_file
+from edgeguard.protect.fragile import FragileStore
+from edgeguard.protect.watermark import VAULT_RECORD, read_key
+from edgeguard.runtime import open_runner
 
 FORMAT = "edgeguard-golden"
 TOLERANCES = {"fp32": 1e-3, "tf32": 1e-3, "fp16": 1e-2}
@@ -64,10 +69,6 @@ def record_golden(artifact: str | Path, out: str | Path, cfg: GoldenConfig | Non
                   vault: str | Path | None = None) -> GoldenRecord:
     """Run ``artifact`` on CPU on the clean inputs (and the vault's watermark and fragile triggers) and write ``out``
     (.npz)."""
-    from edgeguard.api import load_data
-    from edgeguard.bundle import Vault
-    from edgeguard.protect.watermark import read_key
-    from edgeguard.runtime import open_runner
 
     cfg = cfg or GoldenConfig()
     out = Path(out)
@@ -81,8 +82,6 @@ def record_golden(artifact: str | Path, out: str | Path, cfg: GoldenConfig | Non
     groups["clean"] = data.images[:n].numpy()
     labels = {"clean": data.labels[:n].numpy()}
     if vault is not None:
-        from edgeguard.protect.fragile import FragileStore
-        from edgeguard.protect.watermark import VAULT_RECORD
 
         if VAULT_RECORD in Vault(vault):
             key, _ = read_key(Vault(vault))
@@ -206,7 +205,6 @@ def compare_group(name: str, ref: np.ndarray, got: np.ndarray, rule: dict[str, A
 def check_golden(artifact: str | Path, golden: str | Path, *, atol: float | None = None, min_top1: float | None = None,
                  device: str | None = None) -> GoldenCheck:
     """Run ``artifact`` on every golden group and compare with the recorded probabilities."""
-    from edgeguard.runtime import open_runner
 
     header, groups = load_golden(golden)
     ref = header["artifact"]

@@ -19,9 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeguard.attacks.removal import FreezeBN
+from edgeguard.bundle import bundle_data_config, load_bundle
 from edgeguard.config import Config, require
+from edgeguard.data import load_data
 from edgeguard.errors import BadInput
+from edgeguard.evaluate.plots import pyplot, save_panels
+from edgeguard.progress import log
 from edgeguard.protect.fragile import VARIANTS, FragileConfig, FragileKey, generate
+from edgeguard.training import TensorData, TrainConfig, fit
 
 REGIMES = ("last", "all")
 
@@ -125,12 +131,6 @@ class SensitivityResult:
 def run_sensitivity(source: str | Path, cfg: SensitivityConfig | None = None, *, quiet: bool | None = True) -> SensitivityResult:
     """Generate one trigger set per variant against the float bundle ``source`` and measure AccTri per fine-tuning
     epoch for every regime and seed."""
-    from edgeguard.api import load_data
-    from edgeguard.attacks.removal import FreezeBN
-    from edgeguard.bundle import load_bundle
-    from edgeguard.progress import log
-    from edgeguard.protect.watermark import bundle_data_config
-    from edgeguard.training import TensorData, TrainConfig, fit
 
     cfg = cfg or SensitivityConfig()
     bundle = load_bundle(source)
@@ -168,7 +168,6 @@ def run_sensitivity(source: str | Path, cfg: SensitivityConfig | None = None, *,
 
 def plot_sensitivity(result: SensitivityResult | dict[str, Any], path: str | Path) -> Path | None:
     """Mean AccTri (band: min-max over seeds) per fine-tuning epoch, one panel per regime, one line per generator."""
-    from edgeguard.evaluate.plots import pyplot, save_panels
 
     plt = pyplot()
     if plt is None:

@@ -17,10 +17,8 @@ from torch import nn
 
 from edgeguard.defenses.base import ALLOWED_OPS, QDQ_OPS, RANDOM_OPS, Defense
 from edgeguard.errors import BadInput, CheckFailed
-
-PREFIX = "defense/"
-LOGITS = "logits"
-FLAG_OUTPUT = "defense_flag"
+from edgeguard.progress import quiet_exporter
+from edgeguard.runtime.graph import FLAG_OUTPUT, INPUT_NAME, LOGITS, OUTPUT_NAME, PREFIX, producer
 
 
 class _HeadExport(nn.Module):
@@ -38,7 +36,6 @@ class _HeadExport(nn.Module):
 
 def head_proto(defense: Defense, input_shape: tuple[int, ...], opset: int, max_batch: int = 4096):
     """Export ``defense`` alone to an ONNX ModelProto (dynamic batch)."""
-    from edgeguard.export.onnx import INPUT_NAME, OUTPUT_NAME, _quiet_exporter
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, defense.num_classes, generator=g)
@@ -51,7 +48,7 @@ def head_proto(defense: Defense, input_shape: tuple[int, ...], opset: int, max_b
         names.append(INPUT_NAME)
         shapes = ({0: batch}, {0: batch})
     outputs = [OUTPUT_NAME, FLAG_OUTPUT] if defense.emits_flag else [OUTPUT_NAME]
-    with _quiet_exporter() as log:
+    with quiet_exporter() as log:
         try:
             program = torch.onnx.export(_HeadExport(defense).eval(), args, None, dynamo=True, external_data=False,
                                         opset_version=opset, input_names=names, output_names=outputs,
@@ -67,10 +64,6 @@ def head_proto(defense: Defense, input_shape: tuple[int, ...], opset: int, max_b
     return proto
 
 
-def _producer(graph, name: str):
-    return next((n for n in graph.node if name in n.output), None)
-
-
 def expose_logits(proto):
     """Copy of a probabilities graph cut at its logits: the final Softmax is removed, the output renamed ``logits``.
 
@@ -79,7 +72,7 @@ def expose_logits(proto):
     proto = copy.deepcopy(proto)
     g = proto.graph
     out = g.output[0]
-    node = _producer(g, out.name)
+    node = producer(g, out.name)
     if node is None or node.op_type != "Softmax":
         raise BadInput("the backbone graph does not end in a Softmax, so its logits cannot be located")
     src = node.input[0]
@@ -104,7 +97,6 @@ def graft_head(backbone, head, input_name: str):
     if [o.name for o in g.output] != [LOGITS]:
         raise CheckFailed("graft_head needs a backbone whose only output is the logits")
     outputs = {o.name for o in head.graph.output}
-    from edgeguard.export.onnx import INPUT_NAME
 
     boundary = {LOGITS: LOGITS, INPUT_NAME: input_name}
 
@@ -171,33 +163,4 @@ def with_logits_output(proto):
     names = {o.name for o in proto.graph.output}
     if LOGITS not in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(LOGITS, onnx.TensorProto.FLOAT, None))
-    return proto
-
-
-def clean_view(proto, logits: str = LOGITS):
-    """The undefended graph inside a defended one: everything up to the logits, then Softmax."""
-    import onnx
-
-    proto = copy.deepcopy(proto)
-    g = proto.graph
-    needed, keep = {logits}, []
-    for n in reversed(list(g.node)):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    if _producer(g, logits) is None:
-        raise BadInput(f"the graph has no tensor named {logits!r}; it was not exported with a defense head")
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    from edgeguard.export.onnx import OUTPUT_NAME
-
-    g.node.append(onnx.helper.make_node("Softmax", [logits], [OUTPUT_NAME], axis=-1, name="clean/softmax"))
-    used = {i for n in g.node for i in n.input}
-    kept_inits = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept_inits)
-    del g.output[:]
-    g.output.append(onnx.helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, None))
-    del g.value_info[:]
     return proto

@@ -22,15 +22,23 @@ from torch import nn
 from edgeguard import __version__
 from edgeguard.bundle import Bundle, load_bundle
 from edgeguard.config import Config, require
+from edgeguard.defenses.none import NoDefense
 from edgeguard.errors import BadInput, CheckFailed
-from edgeguard.evaluate.metrics import parity_from
-from edgeguard.export.metadata import encode
+from edgeguard.export.heads import (
+    LOGITS,
+    check_head,
+    expose_logits,
+    graft_head,
+    head_proto,
+    with_logits_output,
+)
 from edgeguard.fileio import atomic_write, sha256_file
-from edgeguard.progress import silenced
-from edgeguard.protect import magicguard
+from edgeguard.models import guard as magicguard
+from edgeguard.progress import quiet_exporter
+from edgeguard.runtime.graph import INPUT_NAME, OUTPUT_NAME
+from edgeguard.runtime.metadata import encode
+from edgeguard.runtime.parity import parity_from
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
 PARITY_ATOL = 1e-5
 
 
@@ -80,17 +88,12 @@ class ExportResult:
         return d
 
 
-def _quiet_exporter():
-    """The dynamo exporter narrates on stdout/stderr; keep it for the error message only."""
-    return silenced("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
-
-
 def to_onnx_proto(module: nn.Module, input_shape: tuple[int, ...], cfg: ExportConfig):
     """Export ``module`` (eval mode) to an in-memory ONNX ModelProto with a dynamic batch axis."""
     module = module.eval()
     example = (torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0)),)
     batch = torch.export.Dim("batch", min=1, max=cfg.max_batch)
-    with _quiet_exporter() as log:
+    with quiet_exporter() as log:
         try:
             program = torch.onnx.export(
                 module,
@@ -179,7 +182,6 @@ def _head_check(proto, defense, x: torch.Tensor) -> tuple[HeadCheck, np.ndarray]
     """
     import onnxruntime as ort
 
-    from edgeguard.export.heads import LOGITS, with_logits_output
 
     try:
         sess = ort.InferenceSession(with_logits_output(proto).SerializeToString(), providers=["CPUExecutionProvider"])
@@ -232,8 +234,6 @@ def export_onnx(
     """
     import onnx
 
-    from edgeguard.defenses.none import NoDefense
-    from edgeguard.export.heads import LOGITS, check_head, expose_logits, graft_head, head_proto
 
     cfg = cfg or ExportConfig()
     out = Path(out)

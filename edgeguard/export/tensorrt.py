@@ -26,11 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgeguard import __version__
 from edgeguard.config import Config, require
 from edgeguard.errors import BackendUnavailable, BadInput, CheckFailed
-from edgeguard.export.metadata import decode
 from edgeguard.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from edgeguard.runtime import trt_env
+from edgeguard.runtime.metadata import decode
 
 DEFENSE_PREFIX = "defense/"  # edgeguard.export.heads.PREFIX
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -284,7 +285,6 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | Non
     if cache_path is not None:
         atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
 
-    from edgeguard import __version__
 
     precision = "int8" if facts.has_qdq else facts.precision
     if cfg.fp16:

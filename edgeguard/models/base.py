@@ -49,7 +49,7 @@ class EdgeModel(nn.Module):
     """Normalize, then the backbone: ``forward(x in [0,1]) -> logits``.
 
     ``guard`` is an optional weight-free module on the logits (a MagicGuard, set by
-    :func:`edgeguard.protect.magicguard.attach`); it is part of the model, so every caller -- training,
+    :func:`edgeguard.models.guard.attach`); it is part of the model, so every caller -- training,
     fine-tuning attacks, quantization, export -- sees the guarded function.
     """
 

@@ -1,6 +1,7 @@
 """Protections: the backdoor watermark (Adi et al.); MagicGuard and fragile triggers come later."""
 
-from edgeguard.protect.triggers import TriggerSet, generate_triggers, load_trigger_dir
+from edgeguard.protect.trigger_files import load_trigger_dir
+from edgeguard.protect.triggers import TriggerSet, generate_triggers
 from edgeguard.protect.watermark import (
     EmbedResult,
     WatermarkConfig,

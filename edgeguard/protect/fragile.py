@@ -15,7 +15,7 @@ near-ties (log-probability margin below ``max(4·noise, tau)``), and keep the ar
 Verification is then exact on labels: intact iff every kept trigger returns its reference label, and (the Runner
 returns probabilities) every log-probability stays within ``3·noise + eps`` of the enrolled one.
 
-Choice of ``a`` (measured on the digits CNN, see README): the paper's a = 200 (CIFAR-10, ResNet-18) leaves a small CNN
+Choice of ``a`` (measured on the digits CNN, see docs/fragile.md): the paper's a = 200 (CIFAR-10, ResNet-18) leaves a small CNN
 that *can* equalise the nine other classes at the analytic optimum of L -- key probability 0.208, others 0.088, a
 log-probability margin of 0.86 -- so one epoch of last-layer fine-tuning flipped no label.  The default therefore sets
 ``a`` from a target margin ``m`` at that optimum: with p = e^m / (e^m + M - 1) the key probability,
@@ -41,8 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeguard.bundle import VAULT, Vault, load_bundle
 from edgeguard.config import Config, require
 from edgeguard.errors import BadInput, CheckFailed
+from edgeguard.fileio import sha256_file
+from edgeguard.models.guard import owner_gradients
+from edgeguard.progress import log
+from edgeguard.runtime import artifact_kind, open_runner
+from edgeguard.runtime.onnx_torch import differentiable_copy
+from edgeguard.training import TensorData, TrainConfig, fit
 
 VARIANTS = ("full", "cla", "var", "non")  # CE + a*Var, CE only, Var only, untrained generator (spec 5)
 
@@ -177,9 +184,6 @@ def generate(model: nn.Module, input_shape: tuple[int, int, int], num_classes: i
 
     ``model`` is left bit-identical (checked).  For the ``non`` and ``var`` variants the reference labels are the
     model's own predictions (as in the paper); otherwise the secret key ``i mod M``."""
-    from edgeguard.progress import log
-    from edgeguard.protect.magicguard import owner_gradients
-    from edgeguard.training import TensorData, TrainConfig, fit
 
     cfg = cfg or FragileConfig()
     if num_classes < 2:
@@ -438,7 +442,6 @@ class FragileStore:
     artifact (by the artifact's sha256), each hashed over its own content."""
 
     def __init__(self, path: str | Path):
-        from edgeguard.bundle import Vault
 
         self.path = Path(path)
         self.vault = Vault(self.path)
@@ -506,9 +509,6 @@ def verify_store(runner, store: FragileStore) -> FragileVerification:
 def surrogate_for(artifact: str | Path, surrogate: str | Path | None = None) -> tuple[nn.Module, str]:
     """The differentiable model the generator trains against, and a description of it: ``surrogate`` when given,
     else the artifact itself -- a float bundle's model, an INT8 bundle's QDQ graph, an ONNX graph (fake-quant)."""
-    from edgeguard.bundle import load_bundle
-    from edgeguard.runtime import artifact_kind
-    from edgeguard.runtime.onnx_torch import differentiable_copy
 
     src = Path(surrogate) if surrogate is not None else Path(artifact)
     kind = artifact_kind(src)
@@ -555,10 +555,6 @@ def protect_fragile(artifact: str | Path, out: str | Path | None = None, cfg: Fr
                     key_sha256: str | None = None, device: str | None = None, quiet: bool | None = None) -> FragileResult:
     """Generate triggers against the artifact's differentiable copy (or reuse a stored key), enrol them on the
     artifact through its Runner, check once, and write key + record to ``out`` (default ``BUNDLE/vault/fragile``)."""
-    from edgeguard.bundle import VAULT
-    from edgeguard.fileio import sha256_file
-    from edgeguard.progress import log
-    from edgeguard.runtime import artifact_kind, open_runner
 
     cfg = cfg or FragileConfig()
     kind = artifact_kind(artifact)

@@ -85,12 +85,3 @@ def generate_triggers(n: int, input_shape: tuple[int, int, int], num_classes: in
         field = field * (1 - blob) + blob * torch.rand(n, c, 1, 1, generator=g)
     images = (field.clamp(0, 1) * 255).round().to(torch.uint8)
     return TriggerSet(images, random_labels(n, num_classes, g), "generated", "abstract")
-
-
-def load_trigger_dir(
-    directory, labels_file, input_shape: tuple[int, int, int], num_classes: int, *, renderer: str = "center_crop"
-) -> TriggerSet:
-    """Load a trigger set in the WatermarkNN layout (filled in by the loader module)."""
-    from edgeguard.protect.trigger_files import load_trigger_dir as _load
-
-    return _load(directory, labels_file, input_shape, num_classes, renderer=renderer)

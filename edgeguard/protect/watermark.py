@@ -19,14 +19,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from edgeguard.bundle import Bundle, Vault, load_bundle, save_bundle, stage_record
-from edgeguard.config import Config, DataConfig, config_from_dict, require
+from edgeguard.bundle import (
+    Bundle,
+    Vault,
+    bundle_data_config,
+    check_target,
+    load_bundle,
+    save_bundle,
+    stage_record,
+)
+from edgeguard.config import Config, config_from_dict, require
+from edgeguard.data import load_data
 from edgeguard.errors import BadInput
-from edgeguard.evaluate.stats import binomial_tail, decision_threshold
+from edgeguard.models.guard import owner_gradients
 from edgeguard.progress import log
-from edgeguard.protect.magicguard import owner_gradients
-from edgeguard.protect.triggers import TriggerSet, generate_triggers, load_trigger_dir
+from edgeguard.protect.trigger_files import load_trigger_dir
+from edgeguard.protect.triggers import TriggerSet, generate_triggers
 from edgeguard.runtime import Runner
+from edgeguard.stats import binomial_tail, decision_threshold
 from edgeguard.training import Mix, TensorData, TrainConfig, fit
 
 VAULT_RECORD = "watermark"
@@ -67,14 +77,6 @@ class EmbedResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__, history=list(self.history))
-
-
-def bundle_data_config(bundle: Bundle) -> DataConfig:
-    """The dataset a bundle was trained on (its first ``train`` stage), else the default."""
-    for st in bundle.stages:
-        if st.get("stage") == "train" and "data" in st:
-            return config_from_dict(st["data"])  # type: ignore[return-value]
-    return DataConfig()
 
 
 def _train_config(bundle: Bundle) -> TrainConfig:
@@ -120,8 +122,6 @@ def embed_watermark(
     source: str | Path, out: str | Path, cfg: WatermarkConfig | None = None, *, key_seed: int | None = None
 ) -> EmbedResult:
     """Embed a trigger-set watermark into ``source`` (a bundle) and write the marked bundle to ``out``."""
-    from edgeguard.api import load_data  # late: api imports the stage functions
-    from edgeguard.bundle import check_target
 
     cfg = cfg or WatermarkConfig()
     check_target(out)

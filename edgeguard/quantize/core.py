@@ -15,12 +15,17 @@ from typing import Any, Literal
 
 import torch
 
-from edgeguard.bundle import check_target, load_bundle, save_bundle, stage_record
+from edgeguard.bundle import bundle_data_config, check_target, load_bundle, save_bundle, stage_record
 from edgeguard.config import Config, DataConfig, require
-from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.data import load_data
+from edgeguard.errors import BackendUnavailable, BadInput, CheckFailed
+from edgeguard.export.onnx import Deployed, ExportConfig, finalize_onnx, to_onnx_proto
+from edgeguard.models import guard as magicguard
 from edgeguard.progress import log, silenced
-from edgeguard.protect import magicguard
-from edgeguard.training import TrainConfig, fit
+from edgeguard.protect.watermark import VAULT_RECORD, read_key
+from edgeguard.quantize.quantizers import make_quantizer
+from edgeguard.runtime.parity import parity_from
+from edgeguard.training import Mix, TensorData, TrainConfig, fit
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,6 @@ def _export(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModu
 
 
 def _ptq(model: torch.nn.Module, cfg: PtqConfig, data, *, extra=None) -> torch.fx.GraphModule:
-    from edgeguard.quantize.quantizers import make_quantizer
 
     pt2e, q = _pt2e()
     model = model.eval()
@@ -103,7 +107,6 @@ class _FreezeObservers:
 
 
 def _qat(model: torch.nn.Module, cfg: QatConfig, data, *, extra=None) -> torch.fx.GraphModule:
-    from edgeguard.quantize.quantizers import make_quantizer
 
     pt2e, q = _pt2e()
     x, _ = data.tensors(0, 2)
@@ -141,8 +144,6 @@ def _check_qdq_graph(proto, converted: torch.fx.GraphModule, data) -> None:
     """INT8 kernels round differently from PyTorch's reference ops, so parity is judged by top-1 on real images."""
     import onnxruntime as ort
 
-    from edgeguard.errors import CheckFailed
-    from edgeguard.evaluate.metrics import parity_from
 
     x, _ = data.tensors(0, min(len(data), 256))
     with torch.no_grad():
@@ -173,10 +174,6 @@ def quantize_bundle(source: str | Path, out: str | Path, cfg: PtqConfig | QatCon
     """Quantize a float bundle and write an INT8 bundle (float weights + QDQ ONNX) to ``out``."""
     import onnx
 
-    from edgeguard.api import load_data
-    from edgeguard.export.onnx import Deployed, ExportConfig, finalize_onnx, to_onnx_proto
-    from edgeguard.protect.watermark import bundle_data_config
-    from edgeguard.training import Mix, TensorData
 
     check_target(out)
     bundle = load_bundle(source)
@@ -196,7 +193,6 @@ def quantize_bundle(source: str | Path, out: str | Path, cfg: PtqConfig | QatCon
     if isinstance(cfg, QatConfig):
         if data.num_classes != spec.num_classes:
             raise BadInput(f"QAT data has {data.num_classes} classes but the model has {spec.num_classes}")
-        from edgeguard.protect.watermark import VAULT_RECORD, read_key
 
         if VAULT_RECORD in bundle.vault:  # keep the watermark in: QAT is fine-tuning (spec pitfall 11)
             key, _ = read_key(bundle.vault)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from edgeguard.bundle import is_bundle
+from edgeguard.bundle import is_bundle, load_bundle
 from edgeguard.errors import BadInput
 from edgeguard.runtime.base import Runner, RunnerInfo
+from edgeguard.runtime.defended import HostDefenseRunner, load_host_defense
+from edgeguard.training import resolve_device
 
 _BACKENDS = {
     "bundle": ("edgeguard.runtime.torch_runner", "TorchRunner"),
@@ -53,14 +55,12 @@ def open_runner(
     if undefended and kind != ".onnx":
         raise BadInput(f"{path} is not an ONNX graph: only an exported .onnx file has an undefended view")
     if device is not None:
-        from edgeguard.training import resolve_device
 
         resolve_device(device)  # an unknown or unavailable device is refused for every kind of artifact
     module, cls = _BACKENDS[kind]
     runner_cls = getattr(importlib.import_module(module), cls)
     kw = {} if batch_size is None else {"batch_size": batch_size}
     if kind == "bundle":
-        from edgeguard.bundle import load_bundle
 
         bundle = load_bundle(path)  # verifies every file, model.onnx of an INT8 bundle included
         if bundle.quantized:  # an INT8 bundle runs its QDQ graph: the checks see what will ship
@@ -81,7 +81,6 @@ def open_runner(
         if isinstance(record, dict) and record.get("placement") == "host":
             if undefended:
                 return runner
-            from edgeguard.runtime.defended import HostDefenseRunner, load_host_defense
 
             try:
                 defense = load_host_defense(Path(path), record)

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgeguard.defenses import DEFENSES, DefenseContext, defense_config
 from edgeguard.errors import BadInput
+from edgeguard.models import create_model
 from edgeguard.runtime.base import Runner, RunnerInfo
 
 SIDECAR_FORMAT = "edgeguard-host-defense"
@@ -24,8 +26,6 @@ SIDECAR_FORMAT = "edgeguard-host-defense"
 
 def load_host_defense(graph_path: Path, record: dict[str, Any]):
     """Rebuild the defense recorded in a graph's metadata from its state file (hash-checked)."""
-    from edgeguard.defenses import DEFENSES, DefenseContext, defense_config
-    from edgeguard.models import create_model
 
     name = record.get("name", "?")
     sidecar = str(record.get("sidecar") or "")

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeguard.errors import BadInput
+from edgeguard.models.guard import guard_nodes
+from edgeguard.runtime.graph import clean_view
+from edgeguard.runtime.metadata import decode
 
 _QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 
@@ -234,7 +237,6 @@ def differentiable_copy(path, *, undefended: bool = True) -> OnnxModule:
     """Load ``path`` (.onnx) as an :class:`OnnxModule` returning logits; a fused defense head is cut off first."""
     import onnx
 
-    from edgeguard.export.metadata import decode
 
     try:
         proto = onnx.load(str(path))
@@ -242,10 +244,8 @@ def differentiable_copy(path, *, undefended: bool = True) -> OnnxModule:
         raise BadInput(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
     record = decode({p.key: p.value for p in proto.metadata_props}).get("defense") or {}
     if undefended and isinstance(record, dict) and record.get("logits"):
-        from edgeguard.export.heads import clean_view
 
         proto = clean_view(proto, record["logits"])
-    from edgeguard.protect.magicguard import guard_nodes
 
     ripple = {name for chain in guard_nodes(proto) for name in chain[:-1]}  # all but the final Add: owner gradients
     return OnnxModule(proto, detach=ripple).eval()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from edgeguard.errors import BackendUnavailable, BadInput
-from edgeguard.export.metadata import decode
 from edgeguard.fileio import sha256_file
 from edgeguard.runtime.base import Runner, RunnerInfo
+from edgeguard.runtime.graph import clean_view
+from edgeguard.runtime.metadata import decode
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -110,7 +111,6 @@ class OrtRunner(Runner):
     def _clean_graph(self) -> bytes:
         import onnx
 
-        from edgeguard.export.heads import clean_view
 
         try:
             proto = onnx.load(str(self.path), load_external_data=False)

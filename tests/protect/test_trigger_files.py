@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from edgeguard.errors import BadInput
+from edgeguard.protect import load_trigger_dir as load_via_triggers
 from edgeguard.protect.trigger_files import load_trigger_dir
-from edgeguard.protect.triggers import load_trigger_dir as load_via_triggers
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "watermarknn-trigger-set"
 PICS = DATA / "pics"

@@ -44,7 +44,10 @@ from edgeguard.attacks.extraction.base import (
 )
 from edgeguard.attacks.extraction.knockoff import sample_pool
 from edgeguard.config import require
+from edgeguard.defenses import DefenseContext, make_defense
 from edgeguard.errors import BadInput
+from edgeguard.runtime.defended import HostDefenseRunner
+from edgeguard.training import Mix, TensorData, TrainConfig, fit
 
 # Defenses whose mapping an attacker can rebuild from the published parameters alone (no model, no data, no state).
 CONTEXT_FREE_DEFENSES = ("none", "heuristic", "reverse_sigmoid", "rounding", "topk", "gaussian", "modelguard_w")
@@ -55,7 +58,6 @@ ORACLE_PRIOR_NOTE = ("oracle prior (spec pitfall 7): the Dirichlet table is cent
 
 def _train_config(cfg: ExtractionConfig, epochs: int | None = None):
     """The surrogate recipe of :func:`train_surrogate`, for attacks that need ``fit``'s ``step`` hook."""
-    from edgeguard.training import TrainConfig
 
     return TrainConfig(epochs=epochs or cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, augment=cfg.augment,
                        seed=cfg.seed)
@@ -122,7 +124,6 @@ def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @ATTACKS.register("knockoff_s4l", family="extraction", config=KnockoffS4LConfig, needs_pool=True)
 def knockoff_s4l(oracle: QueryOracle, pool, cfg: KnockoffS4LConfig, ctx: ExtractionContext) -> nn.Module:
-    from edgeguard.training import Mix, TensorData, fit
 
     c, h, w = ctx.input_shape
     if h != w:
@@ -252,8 +253,6 @@ def defense_mapping(oracle: QueryOracle, num_classes: int, overrides: dict | Non
                     method: str = "this attack") -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     """The deployed defense as a function of clean probabilities (N, K) -> returned vectors (N, K), rebuilt from
     the artifact's published metadata (a host-side defense: its own module), and a description for the log."""
-    from edgeguard.defenses import DefenseContext, make_defense
-    from edgeguard.runtime.defended import HostDefenseRunner
 
     runner = oracle.runner
     name = runner.info.defense
@@ -352,7 +351,6 @@ def recovery_hidden(num_classes: int) -> tuple[int, int]:
 
 @ATTACKS.register("knockoff_ddae_plus", family="extraction", config=DdaePlusConfig, needs_pool=True)
 def knockoff_ddae_plus(oracle: QueryOracle, pool, cfg: DdaePlusConfig, ctx: ExtractionContext) -> nn.Module:
-    from edgeguard.training import TensorData, TrainConfig, fit
 
     x, y, y_hat, clean, perturbed = _transfer_with_prior(oracle, pool, cfg, ctx, "knockoff_ddae_plus")
     if len(clean) % cfg.recovery_batch == 1:  # BatchNorm cannot train on a last batch of one row

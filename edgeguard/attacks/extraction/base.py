@@ -24,6 +24,7 @@ from torch import nn
 from edgeguard.config import Config, require
 from edgeguard.errors import CheckFailed
 from edgeguard.runtime import Runner
+from edgeguard.training import TensorData, TrainConfig, fit
 
 
 class BudgetExceeded(CheckFailed):
@@ -120,7 +121,6 @@ class ExtractionContext:
 def train_surrogate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ExtractionConfig, *, epochs: int | None = None,
                     loss=None, extra=None, desc: str = "surrogate", quiet: bool | None = None) -> nn.Module:
     """Train the surrogate on (image, returned vector) pairs with the one training loop (soft-label CE)."""
-    from edgeguard.training import TensorData, TrainConfig, fit
 
     fit(model, TensorData(x, y), TrainConfig(epochs=epochs or cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                              augment=cfg.augment, seed=cfg.seed),

@@ -49,6 +49,7 @@ from edgeguard.attacks.base import ATTACKS
 from edgeguard.attacks.extraction.base import ExtractionConfig, ExtractionContext, QueryOracle
 from edgeguard.config import require
 from edgeguard.errors import BadInput
+from edgeguard.training import TensorData, TrainConfig, fit
 
 LOG_FLOOR = 1e-12  # probabilities are clipped here before the log (the victim may return exact zeros)
 
@@ -250,7 +251,6 @@ class Plan:
 
 
 def _run(oracle: QueryOracle, cfg: DataFreeConfig, ctx: ExtractionContext, desc: str) -> nn.Module:
-    from edgeguard.training import TensorData, TrainConfig, fit
 
     c, h, w = ctx.input_shape
     gen = GeneratorA((c, h, w), nz=cfg.nz, ngf=cfg.gen_width)

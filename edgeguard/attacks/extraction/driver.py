@@ -12,8 +12,12 @@ import torch
 
 from edgeguard.attacks.base import ATTACKS
 from edgeguard.attacks.extraction.base import ExtractionConfig, ExtractionContext, QueryOracle
+from edgeguard.bundle import ModelSpec, check_target, save_bundle, stage_record
 from edgeguard.config import DataConfig
+from edgeguard.data import load_data
 from edgeguard.errors import BadInput, CheckFailed
+from edgeguard.models import create_model
+from edgeguard.runtime import artifact_kind, open_runner
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,6 @@ def method_config(method: str, params: dict[str, Any] | None = None) -> Extracti
 
 
 def _pool(cfg: ExtractionConfig, input_shape) -> Any:
-    from edgeguard.api import load_data
 
     options = dict(cfg.query_options)
     if cfg.query_set == "synthetic":  # procedural images: shape them like the victim's input unless told otherwise
@@ -74,10 +77,6 @@ def _accuracy_and_fidelity(surrogate: torch.nn.Module, victim, test) -> tuple[fl
 def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: ExtractionConfig | None = None, *,
             eval_data: DataConfig | None = None, quiet: bool | None = None) -> ExtractionResult:
     """Attack ``artifact`` with ``method``; write the surrogate bundle to ``out`` (unless None) and return the metrics."""
-    from edgeguard.api import load_data
-    from edgeguard.bundle import ModelSpec, check_target, save_bundle, stage_record
-    from edgeguard.models import create_model
-    from edgeguard.runtime import artifact_kind, open_runner
 
     cfg = cfg or method_config(method)
     run = ATTACKS.get(method)

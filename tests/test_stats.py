@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeguard.evaluate.stats import binomial_tail, chernoff_bound, decision_threshold
+from edgeguard.stats import binomial_tail, chernoff_bound, decision_threshold
 
 
 @pytest.mark.parametrize(
