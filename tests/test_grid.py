@@ -10,8 +10,8 @@ import types
 import pytest
 
 from edgeguard.errors import BackendUnavailable, BadInput
-from edgeguard.evaluate import grid
-from edgeguard.evaluate.grid import GridConfig, expand_sweep, run_grid
+from edgeguard.grid import GridConfig, expand_sweep, run_grid
+from edgeguard.grid import run as grid  # run_grid looks the task functions up here
 
 
 def tiny_mapping(bundle, **extra):
@@ -81,8 +81,8 @@ def test_grid_runs_and_writes_every_output(tiny_grid):
 def test_rerun_recomputes_nothing(tiny_grid, monkeypatch):
     cfg, out, _ = tiny_grid
     before = _mtimes(out / "cells")
-    cells = _counting(monkeypatch, "_run_cell")
-    exports = _counting(monkeypatch, "_run_export")
+    cells = _counting(monkeypatch, "run_cell")
+    exports = _counting(monkeypatch, "run_export")
     res = run_grid(cfg, out, workers=1)
     assert cells == [] and exports == []
     assert res.report["counts"]["computed"] == 0 and res.report["counts"]["reused"] == 3 and res.passed
@@ -96,8 +96,8 @@ def test_deleting_a_cell_recomputes_exactly_that_cell(tiny_grid, tmp_path, monke
     victim = json.loads((out / "grid.json").read_text())["cells"][2]["cell_id"]
     (out / "cells" / f"{victim}.json").unlink()
     before = _mtimes(out / "cells")
-    cells = _counting(monkeypatch, "_run_cell")
-    exports = _counting(monkeypatch, "_run_export")
+    cells = _counting(monkeypatch, "run_cell")
+    exports = _counting(monkeypatch, "run_export")
     res = run_grid(cfg, out, workers=1)
     assert cells == [victim] and exports == []  # the cached defended ONNX is reused
     assert res.report["computed_cells"] == [victim] and res.report["counts"]["reused"] == 2
@@ -217,7 +217,7 @@ def test_undefended_point_is_always_in_the_grid(tiny_bundle):
 def test_default_grid_config_loads():
     from pathlib import Path
 
-    cfg = GridConfig.load(Path(__file__).parents[2] / "configs" / "grid-default.yaml")
+    cfg = GridConfig.load(Path(__file__).parents[1] / "configs" / "grid-default.yaml")
     assert cfg.victim.bundle is None and cfg.victim.model.arch == "smallcnn"
     assert [p.label for p in cfg.defense_points()][:3] == ["none", "heuristic[beta=0.5]", "heuristic[beta=0.9]"]
     assert len(cfg.defense_points()) * len(cfg.attack_points()) * len(cfg.seeds) >= 6
