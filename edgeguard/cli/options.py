@@ -1,0 +1,86 @@
+"""What every command shares, defined once: option values, the ``k=v`` type, data config helpers and ``emit``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+class KeyValue(click.ParamType):
+    """``k=v`` -> (k, v); a malformed pair is a usage error (exit 2)."""
+
+    name = "k=v"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return value
+        if "=" not in value:
+            self.fail(f"{value!r} is not of the form key=value", param, ctx)
+        k, v = value.split("=", 1)
+        return k.strip(), _scalar(v.strip())
+
+
+def _scalar(v: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+
+
+def _registry_names(kind: str) -> list[str]:
+    if kind == "model":
+        from edgeguard.models import MODELS
+
+        return MODELS.names()
+    if kind == "defense":
+        from edgeguard.defenses import DEFENSES
+
+        return DEFENSES.names()
+    from edgeguard.data import DATASETS
+
+    return DATASETS.names()
+
+
+JSON_OUT = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON to this file.")
+SEED = click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")
+DEVICE = click.option("--device", type=str, default=None, help="cpu (default) or cuda[:N].")
+ARTIFACT = click.argument("artifact", type=click.Path(path_type=Path))
+ARTIFACTS = click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+BUNDLE = click.argument("bundle", type=click.Path(path_type=Path))
+DATASET = click.option("--dataset", type=click.Choice(_registry_names("dataset")), default=None, help="Dataset registry name.")
+DATA_ROOT = click.option("--data-root", type=str, default=None, help="Where the dataset's files are (on-disk formats).")
+DATA_OPTION = click.option("--data-option", "data_options", type=KeyValue(), multiple=True, help="Dataset option k=v (repeatable).")
+SPLIT = click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+
+
+def _data_config(dataset: str | None, root: str | None, options: tuple, default: Any = None):
+    from edgeguard.config import DataConfig
+
+    base = default or DataConfig()
+    if dataset is not None and dataset != base.name:
+        base = DataConfig(name=dataset)  # another dataset: the default's root and options do not apply to it
+    opts = dict(base.options)
+    opts.update(dict(options))
+    return DataConfig(name=dataset or base.name, root=root if root is not None else base.root, options=opts)
+
+
+def _default_data(artifact: Path):
+    """A bundle remembers the dataset it was trained on; use it when --dataset is not given."""
+    from edgeguard.api import artifact_data
+
+    return artifact_data(artifact)
+
+
+def emit(result: Any, json_path: Path | None, human: str) -> None:
+    """Print the human summary, write the JSON, and exit 1 if the result's verdict is negative."""
+    if json_path is not None:
+        from edgeguard.fileio import atomic_write_json
+
+        atomic_write_json(json_path, result.to_json())
+    click.echo(human)
+    if not getattr(result, "passed", True):
+        raise SystemExit(1)

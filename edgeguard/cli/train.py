@@ -1,0 +1,126 @@
+"""``train``, ``export`` and ``info``: a bundle from a dataset, an ONNX graph from a bundle, an artifact's description."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgeguard.cli.options import (
+    ARTIFACT,
+    BUNDLE,
+    DATA_OPTION,
+    DATA_ROOT,
+    DATASET,
+    DEVICE,
+    JSON_OUT,
+    SEED,
+    KeyValue,
+    _data_config,
+    _registry_names,
+    emit,
+)
+
+
+@click.command("train")
+@DATASET
+@DATA_ROOT
+@DATA_OPTION
+@click.option("--arch", type=click.Choice(_registry_names("model")), default=None, help="Model registry name (default smallcnn).")
+@click.option("--model-option", "model_options", type=KeyValue(), multiple=True, help="Model option k=v (repeatable).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML with data/model/train sections (as in a pipeline config); flags override it.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default=None)
+@click.option("--augment", type=click.Choice(["none", "shift", "crop_flip"]), default=None)
+@click.option("--early-stop", "early_stop_patience", type=int, default=None, help="Patience in epochs on a 10% hold-out (0: off).")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@SEED
+@DEVICE
+@JSON_OUT
+def train_cmd(dataset, data_root, data_options, arch, model_options, config_path, epochs, batch_size, lr, optimizer,
+              schedule, augment, early_stop_patience, max_steps, out, seed, device, json_path):
+    """Train a model on a dataset and write a bundle."""
+    from edgeguard.api import train_bundle
+    from edgeguard.config import ModelConfig
+    from edgeguard.pipeline import PipelineConfig
+
+    base = PipelineConfig.load(config_path) if config_path else PipelineConfig()
+    data = _data_config(dataset, data_root, data_options, base.data)
+    model = ModelConfig(arch=arch or base.model.arch, options={**base.model.options, **dict(model_options)})
+    train = base.train_config().replace(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+                                        augment=augment, early_stop_patience=early_stop_patience, max_steps=max_steps,
+                                        seed=seed, device=device)
+    res = train_bundle(data, model, train, out)
+    last = res.fit.history[-1]
+    emit(res, json_path, f"bundle {res.bundle} (sha256 {res.sha256[:12]}): {res.arch} on {res.dataset}, "
+                         f"{res.fit.epochs} epochs in {res.fit.seconds:.1f} s, final loss {last['loss']:.4f}, "
+                         f"train accuracy {last.get('train_accuracy', float('nan')):.4f}")
+
+
+@click.command("export")
+@BUNDLE
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 20).")
+@click.option("--max-batch", type=int, default=None, help="Upper bound of the dynamic batch axis.")
+@click.option("--defense", default="none", show_default=True,
+              help="Output defense against model extraction: " + ", ".join(_registry_names("defense")) + ".")
+@click.option("--defense-param", "defense_params", type=KeyValue(), multiple=True,
+              help="Defense parameter (repeatable), e.g. --defense-param beta=0.5.")
+@SEED
+@JSON_OUT
+def export_cmd(bundle, out, opset, max_batch, defense, defense_params, seed, json_path):
+    """Export a bundle to ONNX (probabilities out, dynamic batch, metadata, parity self-check).
+
+    With --defense the defense head is fused into the graph after the logits, in FP32, for FP32 and INT8
+    bundles; host-side defenses (mad, modelguard_s online=true, modelguard_w solver=lp) write their state
+    next to the graph as MODEL.defense.pt and open_runner serves the pair.
+    """
+    from edgeguard.api import export_bundle
+    from edgeguard.export import ExportConfig
+
+    res = export_bundle(bundle, out, ExportConfig().replace(opset=opset, max_batch=max_batch), defense=defense,
+                        defense_params=dict(defense_params))
+    check = ("stored QDQ graph of the INT8 bundle" if res.self_check_max_abs_diff is None else
+             f"self-check vs PyTorch: max |Δprob| {res.self_check_max_abs_diff:.2e}, "
+             f"top-1 agreement {res.self_check_top1_agreement:.4f}")
+    if res.defense != "none":
+        head = (f"; head check max |Δ| {res.head_check_max_abs_diff:.2e}" if res.head_check_max_abs_diff is not None
+                else "; random head, values not compared" if res.placement == "graph" else "")
+        where = f"fused in the graph ({', '.join(res.head_ops)})" if res.placement == "graph" else f"host-side, state in {res.sidecar}"
+        check += f"; defense {res.defense} {where}{head}"
+    emit(res, json_path, f"wrote {res.path} ({res.bytes:,} bytes, opset {res.opset}, sha256 {res.sha256[:12]}); {check}")
+
+
+@click.command("info")
+@ARTIFACT
+@SEED
+@JSON_OUT
+def info_cmd(artifact, seed, json_path):
+    """Describe an artifact: backend, precision, defense, input shape, classes, hashes, stages."""
+    from edgeguard.api import describe_artifact
+
+    res = describe_artifact(artifact)
+    i = res.info
+    lines = [
+        f"artifact    {i['path']}",
+        f"backend     {i['backend']} ({i['device']})",
+        f"precision   {i['precision']}",
+        f"defense     {i['defense']}",
+        f"input       N x {' x '.join(str(d) for d in i['input_shape'])} (raw images in [0,1] or uint8)",
+        f"classes     {len(i['classes'])}: {', '.join(i['classes'][:10])}{' ...' if len(i['classes']) > 10 else ''}",
+        f"sha256      {i['sha256']}",
+    ]
+    if "manifest" in res.details:
+        m = res.details["manifest"]
+        lines.append(f"arch        {m['arch']} (edgeguard {m.get('edgeguard_version', '?')})")
+        lines.append(f"stages      {' -> '.join(s['stage'] for s in m['stages'])}")
+        lines.append(f"vault       {', '.join(res.details['vault_entries']) or '(empty)'}")
+    if "onnx" in res.details:
+        o = res.details["onnx"]
+        lines.append(f"onnx        opset {o['opset']}, {o['nodes']} nodes, {o['bytes']:,} bytes")
+    emit(res, json_path, "\n".join(lines))
