@@ -76,7 +76,6 @@ class ModelSpec:
     guard: Mapping[str, Any] | None = None  # MagicGuard config params (manifest "magicguard"), re-inserted on build
 
     def build(self) -> torch.nn.Module:
-
         model = create_model(
             self.arch,
             num_classes=self.num_classes,
@@ -86,7 +85,6 @@ class ModelSpec:
             **dict(self.options),
         )
         if self.guard:
-
             attach(model, MagicGuardConfig.from_mapping(self.guard, what="manifest magicguard"), self.input_shape)
         return model
 

@@ -73,7 +73,6 @@ def atomic_dir(path: str | Path, *, may_replace: Callable[[Path], bool]) -> Iter
         yield tmp
         if path.exists():
             if not may_replace(path):
-
                 raise BadInput(f"refusing to overwrite {path}: it exists and is not an edgeguard bundle")
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             old.rmdir()

@@ -79,7 +79,6 @@ class FreezeBN:
 
 @ATTACKS.register("finetune", family="removal", config=FinetuneConfig)
 def finetune_attack(source: str | Path, out: str | Path, cfg: FinetuneConfig | None = None) -> AttackResult:
-
     cfg = cfg or FinetuneConfig()
     check_target(out)
     bundle = load_bundle(source)

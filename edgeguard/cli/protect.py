@@ -105,7 +105,7 @@ def protect_fragile_cmd(artifact, out, surrogate, key_sha256, n, a, margin, step
     """
     from edgeguard.protect.fragile import EnrolConfig, FragileConfig, protect_fragile
 
-    cfg = FragileConfig().replace(n=n, a=a, margin=margin, steps=steps, max_steps=max(3000, steps or 0), variant=variant, seed=seed)
+    cfg = FragileConfig().replace(n=n, a=a, margin=margin, steps=steps, variant=variant, seed=seed)
     given = {"repeats": repeats, "batch_sizes": batch_sizes}
     enrol_cfg = EnrolConfig.from_mapping({k: v for k, v in given.items() if v is not None}, what="enrolment")
     res = protect_fragile(artifact, out, cfg, enrol_cfg, surrogate=surrogate, key_sha256=key_sha256, device=device)

@@ -78,7 +78,6 @@ class AdaptiveMisinformation(Defense):
 
 @DEFENSES.register("adaptive_misinformation", config=AdaptiveMisinformationConfig, fusable=True, host=False)
 def build_adaptive_misinformation(cfg: AdaptiveMisinformationConfig, ctx: DefenseContext) -> AdaptiveMisinformation:
-
     if ctx.model_factory is None or ctx.train_images is None:
         raise BadInput("adaptive_misinformation trains a misinformation model on the protected model's training data; "
                        "none was given")

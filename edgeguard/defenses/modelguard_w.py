@@ -210,7 +210,6 @@ def lp_reference(y: np.ndarray, eps: float, margin: float = 1e-4) -> np.ndarray:
     try:
         import pulp
     except ImportError:
-
         raise BackendUnavailable("ModelGuard-W's LP solver needs PuLP: pip install 'edgeguard[lp]'") from None
     y = np.atleast_2d(np.asarray(y, dtype=np.float64))
     out = y.copy()

@@ -54,6 +54,5 @@ class TopK(Defense):
 @DEFENSES.register("topk", config=TopKConfig, fusable=True, host=False)
 def build_topk(cfg: TopKConfig, ctx: DefenseContext) -> TopK:
     if cfg.k > ctx.num_classes:
-
         raise BadInput(f"topk k={cfg.k} exceeds the model's {ctx.num_classes} classes")
     return TopK(cfg, ctx.num_classes)

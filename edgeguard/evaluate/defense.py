@@ -112,7 +112,6 @@ def measure_defense(
     if ood is not None:
         xo, _ = ood.tensors()
         if tuple(xo.shape[1:]) != tuple(d for d in defended.info.input_shape):
-
             raise BadInput(f"the out-of-distribution set has images {tuple(xo.shape[1:])}, the model takes "
                            f"{tuple(defended.info.input_shape)}")
         qo, po, fo = _compare(defended, clean, xo.numpy(), batch_size)

@@ -82,7 +82,6 @@ def record_golden(artifact: str | Path, out: str | Path, cfg: GoldenConfig | Non
     groups["clean"] = data.images[:n].numpy()
     labels = {"clean": data.labels[:n].numpy()}
     if vault is not None:
-
         if VAULT_RECORD in Vault(vault):
             key, _ = read_key(Vault(vault))
             groups["watermark"] = key.images.numpy()

@@ -88,7 +88,6 @@ class DefensePoint:
 
     @property
     def label(self) -> str:
-
         return defense_label(self.name, self.params)
 
     def spec(self) -> dict[str, Any]:
@@ -107,7 +106,6 @@ class AttackPoint:
         return _label(self.method, self.params)
 
     def config(self, seed: int):
-
         return method_config(self.method, {**self.params, "seed": seed})
 
 
@@ -154,11 +152,9 @@ class GridVictimConfig(Config):
         return super().from_mapping(raw, what=where)
 
     def __post_init__(self) -> None:
-
         if self.bundle is not None:
             require(is_bundle(self.bundle), f"victim.bundle {self.bundle} is not an edgeguard bundle folder")
         else:
-
             DATASETS.entry(self.data.name)  # unknown names fail at load, listing the known ones
             MODELS.entry(self.model.arch)
 
@@ -193,7 +189,6 @@ class GridConfig(Config):
             ev = DataConfig.from_mapping(ev, what="grid.eval")
         require(ev is None or isinstance(ev, DataConfig), "grid.eval must be a dataset name or {name, root, options}")
         if ev is not None:
-
             _prefixed("grid.eval", lambda: DATASETS.entry(ev.name))
         object.__setattr__(self, "eval", ev)
         self.defense_points()  # every name and every parameter of every point is checked here, before any work
@@ -211,7 +206,6 @@ class GridConfig(Config):
         return cfg.replace(**overrides)  # type: ignore[return-value]
 
     def defense_points(self) -> list[DefensePoint]:
-
         points: list[DefensePoint] = []
         for i, d in enumerate(self.defenses):
             what = f"grid.defenses[{i}] ({d['name']})"
@@ -227,7 +221,6 @@ class GridConfig(Config):
         return points
 
     def attack_points(self) -> list[AttackPoint]:
-
         points: list[AttackPoint] = []
         for i, a in enumerate(self.attacks):
             what = f"grid.attacks[{i}] ({a['method']})"

@@ -29,7 +29,6 @@ def _victim_settings(cfg: GridConfig) -> tuple[DataConfig, tuple[int, ...], int]
 
     v = cfg.victim
     if v.bundle is not None:
-
         b = load_bundle(v.bundle, verify=False)
         shape, classes, default = tuple(b.spec.input_shape), int(b.spec.num_classes), bundle_data_config(b)
     else:

@@ -49,7 +49,6 @@ def run_export(job: dict[str, Any]) -> dict[str, Any]:
     tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
     t0 = time.perf_counter()
     try:
-
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         res = export_bundle(job["bundle"], tmp / "model.onnx", defense=job["name"], defense_params=job["params"])
@@ -71,7 +70,6 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     """One extraction attack against one defended artifact; returns the result dict (never raises)."""
     t0 = time.perf_counter()
     try:
-
         cfg = method_config(job["method"], job["config"])
         eval_data = config_from_dict(job["eval"])
         res = extract(job["artifact"], None, job["method"], cfg, eval_data=eval_data, quiet=True)  # type: ignore[arg-type]

@@ -56,7 +56,6 @@ class PipelineWatermarkConfig(Config):
     key_seed: int | None = None  # None: a random secret key (recorded only in the vault)
 
     def to_watermark_config(self, seed: int):
-
         return WatermarkConfig(
             mode=self.mode, n_triggers=self.n_triggers, trigger_batch=self.trigger_batch, epochs=self.epochs,
             lr=self.lr, alpha=self.alpha, trigger_dir=self.trigger_dir, labels=self.labels, seed=seed,
@@ -73,7 +72,6 @@ class PipelineAttacksConfig(Config):
     data_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-
         bad = [m for m in self.modes if m not in MODES]
         require(not bad, f"unknown attack mode {bad[0] if bad else ''!r}; known: {', '.join(MODES)}")
 
@@ -95,7 +93,6 @@ class PipelineMagicGuardConfig(Config):
         self.to_magicguard_config(0)  # validates a, w, ratio, variant at load time
 
     def to_magicguard_config(self, seed: int):
-
         return MagicGuardConfig(a=self.a, w=self.w, site=self.site, ratio=self.ratio, variant=self.variant, seed=seed)
 
 
@@ -120,8 +117,7 @@ class PipelineFragileConfig(Config):
         require(self.weight_noise >= 0, "fragile.weight_noise must be >= 0")
 
     def to_fragile_config(self, seed: int):
-
-        return FragileConfig(n=self.n, steps=self.steps, max_steps=max(3000, self.steps), margin=self.margin, seed=seed)
+        return FragileConfig(n=self.n, steps=self.steps, margin=self.margin, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -142,7 +138,6 @@ class PipelineQuantizeConfig(Config):
         require(self.target in ("tensorrt", "cpu"), "quantize.target must be tensorrt or cpu")
 
     def to_quantize_config(self, seed: int):
-
         base = PtqConfig(target=self.target, calibration=self.calibration, calib_samples=self.calib_samples, seed=seed)
         return base if self.mode == "ptq" else QatConfig(base=base, epochs=self.epochs, lr=self.lr, seed=seed)
 
@@ -159,7 +154,6 @@ class PipelineExportConfig(Config):
     defense_latency_iterations: int = 40  # timed calls per batch size when comparing a defense with the undefended view
 
     def __post_init__(self) -> None:
-
         specs = []
         for d in self.defense:
             if isinstance(d, str):
@@ -191,7 +185,6 @@ class PipelineExtractionConfig(Config):
     options: dict = field(default_factory=dict)  # the attack's options (budget, query_set, epochs, ...)
 
     def __post_init__(self) -> None:
-
         specs = []
         for d in self.defenses:
             d = {"name": d} if isinstance(d, str) else d

@@ -96,7 +96,6 @@ def stage_magicguard_fidelity(ctx: Context) -> None:
     pairs = [("FP32 ONNX", ctx.artifacts["onnx"], export_bundle(ctx.marked, folder / "model.onnx",
                                                                 ctx.cfg.export.export_config()).path)]
     if ctx.int8 is not None:
-
         q = quantize_bundle(ctx.marked, folder / "int8", ctx.cfg.quantize.to_quantize_config(ctx.cfg.seed))
         pairs.append(("INT8 ONNX", ctx.artifacts["onnx_int8"], export_bundle(q.bundle, folder / "model_int8.onnx").path))
     rows = []

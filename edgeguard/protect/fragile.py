@@ -61,7 +61,7 @@ class FragileConfig(Config):
     margin: float = 0.2  # target log-probability margin of the key class at the optimum of L (sets a when a is None)
     latent: int = 512
     steps: int = 300  # full-batch generator steps ("epochs" in the paper)
-    max_steps: int = 3000  # keep training in chunks of 100 steps until AccTri on C is 1.0
+    max_steps: int | None = None  # keep training in chunks of 100 steps until AccTri on C is 1.0; default max(3000, steps)
     lr: float = 1e-3
     floor: float = 50.0  # b: margin floor b * mean relu(gamma - m_i) (spec 9.3), only in steps past ``steps`` (fallback)
     floor_margin: float | None = None  # gamma, in logits; default: half of ``margin``
@@ -74,8 +74,14 @@ class FragileConfig(Config):
         require(self.a is None or self.a >= 0, "fragile a must be >= 0")
         require(self.margin > 0, "fragile margin must be > 0")
         require(self.floor >= 0 and (self.floor_margin is None or self.floor_margin > 0), "fragile floor must be >= 0, floor_margin > 0")
-        require(self.steps >= 1 and self.max_steps >= self.steps, "fragile steps must be >= 1 and <= max_steps")
+        require(self.steps >= 1 and (self.max_steps is None or self.max_steps >= self.steps),
+                "fragile steps must be >= 1 and <= max_steps")
         require(self.variant in VARIANTS, f"fragile variant must be one of {', '.join(VARIANTS)}")
+
+    @property
+    def step_limit(self) -> int:
+        """The most generator steps, fallback included."""
+        return self.max_steps if self.max_steps is not None else max(3000, self.steps)
 
     def weight(self, num_classes: int) -> float:
         if self.variant == "cla":
@@ -242,11 +248,11 @@ def generate(model: nn.Module, input_shape: tuple[int, int, int], num_classes: i
                     imgs = stored()
                     x = imgs.float() / 255 if cfg.uint8 else imgs
                     hits = int((_probs(model, x).argmax(1) == key).sum())
-                    if cfg.variant == "var" or hits == cfg.n or total >= cfg.max_steps:
+                    if cfg.variant == "var" or hits == cfg.n or total >= cfg.step_limit:
                         break
                     log(f"fragile generator: {hits}/{cfg.n} triggers carry their key after {total} steps; continuing",
                         quiet=quiet)
-                    chunk = min(100, cfg.max_steps - total)
+                    chunk = min(100, cfg.step_limit - total)
             imgs = stored()
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
@@ -442,7 +448,6 @@ class FragileStore:
     artifact (by the artifact's sha256), each hashed over its own content."""
 
     def __init__(self, path: str | Path):
-
         self.path = Path(path)
         self.vault = Vault(self.path)
 

@@ -81,7 +81,6 @@ def _export(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModu
 
 
 def _ptq(model: torch.nn.Module, cfg: PtqConfig, data, *, extra=None) -> torch.fx.GraphModule:
-
     pt2e, q = _pt2e()
     model = model.eval()
     x, _ = data.tensors(0, min(len(data), cfg.calib_samples))
@@ -107,7 +106,6 @@ class _FreezeObservers:
 
 
 def _qat(model: torch.nn.Module, cfg: QatConfig, data, *, extra=None) -> torch.fx.GraphModule:
-
     pt2e, q = _pt2e()
     x, _ = data.tensors(0, 2)
     model.train()

@@ -55,13 +55,11 @@ def open_runner(
     if undefended and kind != ".onnx":
         raise BadInput(f"{path} is not an ONNX graph: only an exported .onnx file has an undefended view")
     if device is not None:
-
         resolve_device(device)  # an unknown or unavailable device is refused for every kind of artifact
     module, cls = _BACKENDS[kind]
     runner_cls = getattr(importlib.import_module(module), cls)
     kw = {} if batch_size is None else {"batch_size": batch_size}
     if kind == "bundle":
-
         bundle = load_bundle(path)  # verifies every file, model.onnx of an INT8 bundle included
         if bundle.quantized:  # an INT8 bundle runs its QDQ graph: the checks see what will ship
             module, cls = _BACKENDS[".onnx"]

@@ -244,7 +244,6 @@ def differentiable_copy(path, *, undefended: bool = True) -> OnnxModule:
         raise BadInput(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
     record = decode({p.key: p.value for p in proto.metadata_props}).get("defense") or {}
     if undefended and isinstance(record, dict) and record.get("logits"):
-
         proto = clean_view(proto, record["logits"])
 
     ripple = {name for chain in guard_nodes(proto) for name in chain[:-1]}  # all but the final Add: owner gradients

@@ -231,3 +231,12 @@ def test_sensitivity_full_generator_detects_one_epoch_in_19_of_20_trials(tiny_bu
     assert rows["full"]["detected_epoch1"] >= 19
     assert rows["full"]["acctri_epoch1_mean"] < rows["cla"]["acctri_epoch1_mean"] - 0.1
     assert rows["full"]["acctri_epoch1_mean"] < rows["non"]["acctri_epoch1_mean"] - 0.1
+
+
+def test_generator_step_limit_follows_steps():
+    """One rule for the fallback's step limit, in the config (the CLI and the pipeline pass only ``steps``)."""
+    assert FragileConfig().step_limit == 3000
+    assert FragileConfig(steps=5000).step_limit == 5000
+    assert FragileConfig(steps=10, max_steps=20).step_limit == 20
+    with pytest.raises(BadInput):
+        FragileConfig(steps=10, max_steps=5)

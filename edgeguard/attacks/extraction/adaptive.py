@@ -124,7 +124,6 @@ def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @ATTACKS.register("knockoff_s4l", family="extraction", config=KnockoffS4LConfig, needs_pool=True)
 def knockoff_s4l(oracle: QueryOracle, pool, cfg: KnockoffS4LConfig, ctx: ExtractionContext) -> nn.Module:
-
     c, h, w = ctx.input_shape
     if h != w:
         raise BadInput(f"knockoff_s4l rotates images by 90 degrees and needs square inputs (got {h}x{w})")
@@ -351,7 +350,6 @@ def recovery_hidden(num_classes: int) -> tuple[int, int]:
 
 @ATTACKS.register("knockoff_ddae_plus", family="extraction", config=DdaePlusConfig, needs_pool=True)
 def knockoff_ddae_plus(oracle: QueryOracle, pool, cfg: DdaePlusConfig, ctx: ExtractionContext) -> nn.Module:
-
     x, y, y_hat, clean, perturbed = _transfer_with_prior(oracle, pool, cfg, ctx, "knockoff_ddae_plus")
     if len(clean) % cfg.recovery_batch == 1:  # BatchNorm cannot train on a last batch of one row
         clean, perturbed = clean[:-1], perturbed[:-1]

@@ -251,7 +251,6 @@ class Plan:
 
 
 def _run(oracle: QueryOracle, cfg: DataFreeConfig, ctx: ExtractionContext, desc: str) -> nn.Module:
-
     c, h, w = ctx.input_shape
     gen = GeneratorA((c, h, w), nz=cfg.nz, ngf=cfg.gen_width)
     student = ctx.make_surrogate()

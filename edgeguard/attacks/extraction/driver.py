@@ -50,7 +50,6 @@ def method_config(method: str, params: dict[str, Any] | None = None) -> Extracti
 
 
 def _pool(cfg: ExtractionConfig, input_shape) -> Any:
-
     options = dict(cfg.query_options)
     if cfg.query_set == "synthetic":  # procedural images: shape them like the victim's input unless told otherwise
         c, h, _ = input_shape
