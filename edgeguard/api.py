@@ -6,6 +6,7 @@ the CLI renders them, progress goes to stderr.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from edgeguard.errors import BadInput
 from edgeguard.evaluate import AccuracyResult, BenchConfig, BenchResult, bench_runners, evaluate_accuracy
 from edgeguard.evaluate.defense import DefenseMeasurement, measure_defense
 from edgeguard.export import ExportConfig, ExportResult, export_onnx
+from edgeguard.export.triton_repo import TritonRepoConfig, TritonRepoResult, write_triton_repo
 from edgeguard.models import count_parameters, create_model
 from edgeguard.protect.fragile import FragileStore, verify_store
 from edgeguard.protect.watermark import VAULT_RECORD, verify_watermark
@@ -215,6 +217,32 @@ def export_bundle(
     b = load_bundle(bundle)
     module = make_defense(defense, defense_params, defense_context(b))
     return export_onnx(b, out, cfg, defense=module)
+
+
+def export_triton_repo(
+    artifact: str | Path,
+    repo: str | Path,
+    cfg: TritonRepoConfig | None = None,
+    *,
+    defense: str = "none",
+    defense_params: Mapping[str, Any] | None = None,
+    export: ExportConfig | None = None,
+) -> TritonRepoResult:
+    """A Triton model repository from a bundle (exported here, the defense fused) or from an exported ``.onnx`` /
+    built engine / INT8 bundle as it is (then ``defense`` must be ``none``: the artifact already carries its own)."""
+
+    cfg = cfg or TritonRepoConfig()
+    kind = artifact_kind(artifact)
+    if kind != "bundle" and defense != "none":
+        raise BadInput(f"--defense applies when exporting a bundle; {artifact} is already exported with its own")
+    if kind == "bundle" and (defense != "none" or not load_bundle(artifact, verify=False).quantized):
+        if (Path(repo) / cfg.name).exists():
+            raise BadInput(f"{Path(repo) / cfg.name} already exists; remove it or pick another --name")
+        with tempfile.TemporaryDirectory(prefix="edgeguard-repo-") as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            export_bundle(artifact, onnx_path, export, defense=defense, defense_params=defense_params)
+            return write_triton_repo(onnx_path, repo, cfg)
+    return write_triton_repo(artifact, repo, cfg)
 
 
 @dataclass(frozen=True)

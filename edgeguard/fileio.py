@@ -27,8 +27,8 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), mode=mode)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -41,15 +41,16 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> None:
-    """Call ``writer(tmp_path)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
+def atomic_write(path: str | Path, writer: Callable[[Path], Any], *, mode: int | None = None) -> None:
+    """Call ``writer(tmp_path)`` on a temp file beside ``path``, fsync, then rename over ``path``.  ``mode``: the
+    file's permissions (default: 0666 less the umask; 0o600 for a secret)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         writer(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual permissions
+        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)  # mkstemp makes 0600; artifacts: the usual
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("edgeguard.training",),
     ("edgeguard.bundle", "edgeguard.defenses"),
     ("edgeguard.runtime",),
-    ("edgeguard.protect", "edgeguard.quantize", "edgeguard.export"),
+    ("edgeguard.protect", "edgeguard.quantize", "edgeguard.export", "edgeguard.serve"),
     ("edgeguard.attacks", "edgeguard.evaluate"),
     ("edgeguard.api", "edgeguard.testing"),
     ("edgeguard.pipeline", "edgeguard.grid", "edgeguard.cli", "edgeguard.__main__"),

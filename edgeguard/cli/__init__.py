@@ -20,6 +20,7 @@ from edgeguard.cli.evaluate import evaluate_cmd
 from edgeguard.cli.pipeline import pipeline_cmd
 from edgeguard.cli.protect import protect_group
 from edgeguard.cli.quantize import quantize_cmd
+from edgeguard.cli.serve import serve_cmd
 from edgeguard.cli.train import export_cmd, info_cmd, train_cmd
 from edgeguard.cli.verify import verify_cmd
 from edgeguard.errors import EdgeguardError
@@ -33,14 +34,15 @@ __all__ = ["cli", "main"]
 def cli(quiet: bool) -> None:
     """edgeguard: train, protect, quantize, export and verify image classifiers.
 
-    ARTIFACT arguments take a bundle folder, a .onnx file or a .engine file.
+    ARTIFACT arguments take a bundle folder, a .onnx file, a .engine file or a served model's URL
+    (http://HOST:PORT/v2/models/NAME or grpc://HOST:PORT/v2/models/NAME).
     """
     if quiet:
         os.environ["EDGEGUARD_QUIET"] = "1"
 
 
 for _command in (train_cmd, evaluate_cmd, export_cmd, info_cmd, bench_cmd, build_engine_cmd, golden_cmd, golden_check_cmd,
-                 pipeline_cmd, protect_group, quantize_cmd, verify_cmd, attack_group):
+                 pipeline_cmd, protect_group, quantize_cmd, serve_cmd, verify_cmd, attack_group):
     cli.add_command(_command)
 
 _INTERRUPTED = "edgeguard: interrupted; outputs are written atomically, so nothing half-written was left"

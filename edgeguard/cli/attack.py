@@ -12,6 +12,7 @@ from edgeguard.cli.options import (
     DATA_ROOT,
     DATASET,
     JSON_OUT,
+    REMOTE,
     SEED,
     KeyValue,
     _registry_names,
@@ -68,10 +69,13 @@ def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction
 @DATASET
 @DATA_ROOT
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Surrogate bundle to write (with attack.json).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="A served victim (URL): the local file it serves, on which fidelity is measured (no extra queries).")
 @SEED
 @JSON_OUT
+@REMOTE
 def attack_extract_cmd(artifact, method, budget, query_set, query_options, query_root, surrogate, epochs, hard_label,
-                       params, dataset, data_root, out, seed, json_path):
+                       params, dataset, data_root, out, reference, seed, json_path):
     """Model extraction: query ARTIFACT as a client would (probabilities only, counted budget), train a surrogate,
     and report its accuracy and fidelity on the victim's test split (--dataset, default digits)."""
     from edgeguard.attacks.extraction import extract, method_config
@@ -81,8 +85,6 @@ def attack_extract_cmd(artifact, method, budget, query_set, query_options, query
              "query_root": str(query_root) if query_root else None, "surrogate": surrogate, "epochs": epochs,
              "hard_label": hard_label, "seed": seed, **dict(params)}
     cfg = method_config(method, {k: v for k, v in given.items() if v is not None})
-    res = extract(artifact, out, method, cfg, eval_data=DataConfig(dataset or "digits", root=str(data_root) if data_root else None))
-    l1 = f", defense L1 {res.defense_l1_mean:.4f}" if res.defense_l1_mean is not None else ""
-    emit(res, json_path, f"{method} against {artifact} (defense {res.defense}): {res.queries_used}/{res.budget} queries; "
-                         f"surrogate accuracy {res.surrogate_accuracy:.4f}, fidelity {res.fidelity:.4f}, defender accuracy "
-                         f"{res.defender_accuracy:.4f}{l1}; surrogate bundle {res.surrogate_bundle}")
+    res = extract(artifact, out, method, cfg, eval_data=DataConfig(dataset or "digits", root=str(data_root) if data_root else None),
+                  reference=reference)
+    emit(res, json_path, res.summary())

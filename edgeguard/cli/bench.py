@@ -13,6 +13,7 @@ from edgeguard.cli.options import (
     DATASET,
     DEVICE,
     JSON_OUT,
+    REMOTE,
     SEED,
     SPLIT,
     _data_config,
@@ -29,6 +30,7 @@ from edgeguard.cli.options import (
 @DEVICE
 @SEED
 @JSON_OUT
+@REMOTE
 def bench_cmd(artifacts, batch_sizes, warmup, iterations, device, seed, json_path):
     """Latency (p50/p90) and throughput of artifacts side by side; ratios against the first."""
     from edgeguard.api import bench_artifacts
@@ -109,6 +111,7 @@ def golden_cmd(artifact, out, vault, dataset, data_root, split, n, seed, json_pa
 @DEVICE
 @SEED
 @JSON_OUT
+@REMOTE
 def golden_check_cmd(artifact, golden, atol, min_top1, device, seed, json_path):
     """Compare an artifact (engine, ONNX, bundle) with golden outputs; exit 1 outside the tolerance."""
     from edgeguard.evaluate.golden import check_golden

@@ -13,6 +13,7 @@ from edgeguard.cli.options import (
     DATASET,
     DEVICE,
     JSON_OUT,
+    REMOTE,
     SEED,
     SPLIT,
     KeyValue,
@@ -70,6 +71,7 @@ class EvaluateCommand(click.Command):
 @DEVICE
 @SEED
 @JSON_OUT
+@REMOTE
 def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy, ood_dataset, ood_options, latency, device,
                  seed, json_path):
     """Top-1 accuracy of an artifact on a dataset split, through its Runner.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,38 @@ def _registry_names(kind: str) -> list[str]:
 JSON_OUT = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON to this file.")
 SEED = click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")
 DEVICE = click.option("--device", type=str, default=None, help="cpu (default) or cuda[:N].")
-ARTIFACT = click.argument("artifact", type=click.Path(path_type=Path))
-ARTIFACTS = click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+class ArtifactRef(click.ParamType):
+    """A bundle folder, a .onnx / .engine file (-> Path) or a served model's URL (-> str, kept verbatim)."""
+
+    name = "artifact"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from edgeguard.runtime import is_remote
+
+        if isinstance(value, Path) or is_remote(value):
+            return value
+        return Path(value)
+
+
+ARTIFACT = click.argument("artifact", type=ArtifactRef())
+ARTIFACTS = click.argument("artifacts", nargs=-1, required=True, type=ArtifactRef())
+
+
+def REMOTE(f):  # noqa: N802 (reads like the other option constants)
+    """``--timeout`` and ``--max-qps`` for an artifact given as a server URL; the command runs inside them."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, remote_timeout: float | None = None, max_qps: float | None = None, **kw: Any) -> Any:
+        from edgeguard.runtime import remote_settings
+
+        with remote_settings(timeout_s=remote_timeout, max_qps=max_qps):
+            return f(*args, **kw)
+
+    wrapper = click.option("--max-qps", type=click.FloatRange(min=0.0, min_open=True), default=None,
+                           help="Server URLs only: at most this many requests per second (be polite to "
+                                "someone else's service).")(wrapper)
+    return click.option("--timeout", "remote_timeout", type=click.FloatRange(min=0.0, min_open=True), default=None,
+                        help="Server URLs only: seconds each request may take (default 30).")(wrapper)
 BUNDLE = click.argument("bundle", type=click.Path(path_type=Path))
 DATASET = click.option("--dataset", type=click.Choice(_registry_names("dataset")), default=None, help="Dataset registry name.")
 DATA_ROOT = click.option("--data-root", type=str, default=None, help="Where the dataset's files are (on-disk formats).")

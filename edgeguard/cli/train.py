@@ -8,12 +8,12 @@ import click
 
 from edgeguard.cli.options import (
     ARTIFACT,
-    BUNDLE,
     DATA_OPTION,
     DATA_ROOT,
     DATASET,
     DEVICE,
     JSON_OUT,
+    REMOTE,
     SEED,
     KeyValue,
     _data_config,
@@ -63,26 +63,47 @@ def train_cmd(dataset, data_root, data_options, arch, model_options, config_path
 
 
 @click.command("export")
-@BUNDLE
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The .onnx file to write; with --format triton-repo, the repository folder (REPO/NAME is written).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "triton-repo"]), default="onnx", show_default=True,
+              help="triton-repo: a model repository for the Triton container (config.pbtxt + 1/model.onnx or .plan).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20).")
-@click.option("--max-batch", type=int, default=None, help="Upper bound of the dynamic batch axis.")
+@click.option("--max-batch", type=int, default=None,
+              help="ONNX: upper bound of the dynamic batch axis (default 4096); triton-repo: max_batch_size (default 64).")
 @click.option("--defense", default="none", show_default=True,
               help="Output defense against model extraction: " + ", ".join(_registry_names("defense")) + ".")
 @click.option("--defense-param", "defense_params", type=KeyValue(), multiple=True,
               help="Defense parameter (repeatable), e.g. --defense-param beta=0.5.")
+@click.option("--name", default="model", show_default=True, help="triton-repo: the model's name (REPO/NAME).")
+@click.option("--instances", type=int, default=1, show_default=True, help="triton-repo: instance_group count.")
+@click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="triton-repo: instance kind (auto: KIND_GPU for an engine, KIND_CPU for ONNX).")
 @SEED
 @JSON_OUT
-def export_cmd(bundle, out, opset, max_batch, defense, defense_params, seed, json_path):
+def export_cmd(bundle, out, fmt, opset, max_batch, defense, defense_params, name, instances, kind, seed, json_path):
     """Export a bundle to ONNX (probabilities out, dynamic batch, metadata, parity self-check).
 
     With --defense the defense head is fused into the graph after the logits, in FP32, for FP32 and INT8
     bundles; host-side defenses (mad, modelguard_s online=true, modelguard_w solver=lp) write their state
     next to the graph as MODEL.defense.pt and open_runner serves the pair.
-    """
-    from edgeguard.api import export_bundle
-    from edgeguard.export import ExportConfig
 
+    With --format triton-repo, BUNDLE may also be an exported .onnx or a built .engine/.plan; the repository's
+    graph carries the defense fused, so no Python runs in the server (host-side defenses are refused: use
+    `edgeguard serve`).
+    """
+    from edgeguard.api import export_bundle, export_triton_repo
+    from edgeguard.export import ExportConfig
+    from edgeguard.export.triton_repo import TritonRepoConfig
+
+    if fmt == "triton-repo":
+        cfg = TritonRepoConfig(name=name, instances=instances, kind=kind).replace(max_batch=max_batch)
+        res = export_triton_repo(bundle, out, cfg, defense=defense, defense_params=dict(defense_params),
+                                 export=ExportConfig().replace(opset=opset))
+        emit(res, json_path, f"wrote {res.model_dir}: {res.platform}, max_batch_size {cfg.max_batch}, "
+                             f"{cfg.instances} instance(s), defense {res.info['defense']['name']}, "
+                             f"model sha256 {res.sha256[:12]}")
+        return
     res = export_bundle(bundle, out, ExportConfig().replace(opset=opset, max_batch=max_batch), defense=defense,
                         defense_params=dict(defense_params))
     check = ("stored QDQ graph of the INT8 bundle" if res.self_check_max_abs_diff is None else
@@ -100,6 +121,7 @@ def export_cmd(bundle, out, opset, max_batch, defense, defense_params, seed, jso
 @ARTIFACT
 @SEED
 @JSON_OUT
+@REMOTE
 def info_cmd(artifact, seed, json_path):
     """Describe an artifact: backend, precision, defense, input shape, classes, hashes, stages."""
     from edgeguard.api import describe_artifact

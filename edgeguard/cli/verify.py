@@ -12,6 +12,7 @@ from edgeguard.cli.options import (
     DATASET,
     DEVICE,
     JSON_OUT,
+    REMOTE,
     SEED,
     SPLIT,
     _data_config,
@@ -31,6 +32,7 @@ from edgeguard.cli.options import (
 @DEVICE
 @SEED
 @JSON_OUT
+@REMOTE
 def verify_cmd(artifacts, vault, alpha, dataset, data_root, split, device, seed, json_path):
     """Verify the watermark and the fragile triggers on one or more artifacts, side by side.
 

@@ -1,7 +1,8 @@
 """Runners: ``open_runner(path)`` picks the backend from the artifact; every check takes a Runner.
 
 Dispatch is one table: a bundle folder -> TorchRunner, ``.onnx`` -> OrtRunner, ``.engine``/``.plan`` ->
-TrtRunner.  Each backend module is imported only when its row is used.
+TrtRunner, an ``http://``/``grpc://`` endpoint URL -> RemoteRunner (Open Inference Protocol).  Each backend
+module is imported only when its row is used.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from edgeguard.bundle import is_bundle, load_bundle
 from edgeguard.errors import BadInput
 from edgeguard.runtime.base import Runner, RunnerInfo
 from edgeguard.runtime.defended import HostDefenseRunner, load_host_defense
+from edgeguard.runtime.remote import is_remote, parse_endpoint, remote_settings
 from edgeguard.training import resolve_device
 
 _BACKENDS = {
@@ -20,10 +22,14 @@ _BACKENDS = {
     ".onnx": ("edgeguard.runtime.ort_runner", "OrtRunner"),
     ".engine": ("edgeguard.runtime.trt_runner", "TrtRunner"),
     ".plan": ("edgeguard.runtime.trt_runner", "TrtRunner"),
+    "remote": ("edgeguard.runtime.remote", "RemoteRunner"),
 }
 
 
 def artifact_kind(path: str | Path) -> str:
+    if is_remote(path):
+        parse_endpoint(str(path))  # a malformed URL is refused here, before any connection
+        return "remote"
     p = Path(path)
     if p.is_dir():
         if not is_bundle(p):
@@ -54,6 +60,10 @@ def open_runner(
     kind = artifact_kind(path)
     if undefended and kind != ".onnx":
         raise BadInput(f"{path} is not an ONNX graph: only an exported .onnx file has an undefended view")
+    if kind == "remote":  # runs where it is served: --device and providers do not apply
+        module, cls = _BACKENDS[kind]
+        kw = {} if batch_size is None else {"batch_size": batch_size}
+        return getattr(importlib.import_module(module), cls)(str(path), **kw).open()
     if device is not None:
         resolve_device(device)  # an unknown or unavailable device is refused for every kind of artifact
     module, cls = _BACKENDS[kind]
@@ -90,4 +100,4 @@ def open_runner(
     return runner_cls(path, **kw).open()
 
 
-__all__ = ["Runner", "RunnerInfo", "artifact_kind", "open_runner"]
+__all__ = ["Runner", "RunnerInfo", "artifact_kind", "is_remote", "open_runner", "remote_settings"]

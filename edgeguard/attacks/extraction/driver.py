@@ -28,17 +28,31 @@ class ExtractionResult:
     budget: int
     queries_used: int
     surrogate_accuracy: float  # on the victim's test split
-    fidelity: float  # argmax agreement of the surrogate with the (defended) victim on the test split
-    defender_accuracy: float  # the victim's own accuracy through its defense on the same split
+    fidelity: float | None  # argmax agreement of the surrogate with the (defended) victim on the test split
+    defender_accuracy: float | None  # the victim's own accuracy through its defense on the same split
     defense_l1_mean: float | None  # mean L1 of the defense over the attacker's queries (None: no undefended view)
     eval_dataset: str
     seconds: float
     surrogate_bundle: str | None = None
     details: dict[str, Any] | None = None
+    server: dict[str, Any] | None = None  # a served victim: Triton's own row count for the attack, and the reference
     passed: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def summary(self) -> str:
+        l1 = f", defense L1 {self.defense_l1_mean:.4f}" if self.defense_l1_mean is not None else ""
+        if self.fidelity is None:
+            fid = "fidelity not measured (a served victim: pass --reference with the file it serves)"
+        else:
+            fid = f"fidelity {self.fidelity:.4f}, defender accuracy {self.defender_accuracy:.4f}"
+        srv = ""
+        if self.server is not None and self.server.get("inference_rows") is not None:
+            srv = f"; the server counted {self.server['inference_rows']} rows"
+        return (f"{self.method} against {self.artifact} (defense {self.defense}): {self.queries_used}/{self.budget} "
+                f"queries{srv}; surrogate accuracy {self.surrogate_accuracy:.4f}, {fid}{l1}; "
+                f"surrogate bundle {self.surrogate_bundle}")
 
 
 def method_config(method: str, params: dict[str, Any] | None = None) -> ExtractionConfig:
@@ -73,9 +87,22 @@ def _accuracy_and_fidelity(surrogate: torch.nn.Module, victim, test) -> tuple[fl
     return float((s == y).mean()), float((s == v).mean()), float((v == y).mean())
 
 
+def _accuracy_only(surrogate, test) -> float:
+    x, y = test.tensors()
+    with torch.no_grad():
+        s = torch.cat([surrogate(x[i : i + 512]) for i in range(0, len(x), 512)]).argmax(1).numpy()
+    return float((s == y.numpy()).mean())
+
+
 def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: ExtractionConfig | None = None, *,
-            eval_data: DataConfig | None = None, quiet: bool | None = None) -> ExtractionResult:
-    """Attack ``artifact`` with ``method``; write the surrogate bundle to ``out`` (unless None) and return the metrics."""
+            eval_data: DataConfig | None = None, reference: str | Path | None = None,
+            quiet: bool | None = None) -> ExtractionResult:
+    """Attack ``artifact`` with ``method``; write the surrogate bundle to ``out`` (unless None) and return the metrics.
+
+    A served victim (URL) gets only the attack's queries: fidelity and defender accuracy are measured on
+    ``reference``, the local file it serves (same sha256 when the server publishes one), or not at all; Triton's
+    own row count over the attack is reported beside the client-side count when its statistics are readable.
+    """
 
     cfg = cfg or method_config(method)
     run = ATTACKS.get(method)
@@ -85,8 +112,14 @@ def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: Extr
         check_target(out)
     t0 = time.perf_counter()
     test = load_data(eval_data or DataConfig(), "test")
+    remote = artifact_kind(artifact) == "remote"
+    if reference is not None and not remote:
+        raise BadInput("--reference is for a served victim (a URL); a local artifact is its own reference")
+    if reference is not None and artifact_kind(reference) == "remote":
+        raise BadInput(f"--reference must be a local artifact, not a URL: {reference}")
     with open_runner(artifact) as victim:
         info = victim.info
+        before = victim.server_statistics() if remote else None
         if tuple(test.info.input_shape) != tuple(info.input_shape) or test.num_classes != info.num_classes:
             raise BadInput(f"the evaluation set {test.info.name!r} ({test.num_classes} classes, {test.info.input_shape}) "
                            f"does not fit the victim ({info.num_classes} classes, {tuple(info.input_shape)})")
@@ -114,10 +147,26 @@ def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: Extr
                 clean.close()
         if oracle.used > cfg.budget:  # the oracle refuses first; this guards against a bypass
             raise CheckFailed(f"{method} used {oracle.used} queries with a budget of {cfg.budget}")
-        acc, fid, defender = _accuracy_and_fidelity(surrogate, victim, test)
+        server = None
+        if remote:
+            after = victim.server_statistics()
+            rows = None if before is None or after is None else after["inference_count"] - before["inference_count"]
+            server = {"inference_rows": rows, "rows_sent": victim.rows_sent, "requests": victim.requests,
+                      "retried": victim.retried, "reference": str(reference) if reference is not None else None}
+            if reference is None:
+                acc, fid, defender = _accuracy_only(surrogate, test), None, None
+            else:
+                with open_runner(reference) as ref:
+                    if info.sha256 and ref.info.sha256 != info.sha256:
+                        raise BadInput(f"--reference {reference} is not the artifact {artifact} serves (sha256 "
+                                       f"{ref.info.sha256[:12]} vs {info.sha256[:12]})")
+                    acc, fid, defender = _accuracy_and_fidelity(surrogate, ref, test)
+        else:
+            acc, fid, defender = _accuracy_and_fidelity(surrogate, victim, test)
     result = ExtractionResult(method=method, artifact=str(artifact), defense=info.defense, budget=cfg.budget,
-                              queries_used=oracle.used, surrogate_accuracy=round(acc, 6), fidelity=round(fid, 6),
-                              defender_accuracy=round(defender, 6),
+                              queries_used=oracle.used, surrogate_accuracy=round(acc, 6),
+                              fidelity=None if fid is None else round(fid, 6),
+                              defender_accuracy=None if defender is None else round(defender, 6), server=server,
                               defense_l1_mean=None if oracle.l1_mean is None else round(oracle.l1_mean, 6),
                               eval_dataset=test.info.name, seconds=round(time.perf_counter() - t0, 2),
                               details=dict(ctx.log) or None)
