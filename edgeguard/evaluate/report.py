@@ -113,6 +113,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows = [[r["artifact"], r["backend"], r["batch"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['throughput']:.0f}",
                  f"{r['ratio_p50']:.2f}x"] for r in b["rows"]]
         out += [_table(["artifact", "backend", "batch", "p50 ms", "p90 ms", "img/s", "speed-up"], rows, "llrrrrr"), ""]
+    if "serve" in res:
+        sv = res["serve"]
+        out += [f"## Served by Triton Inference Server ({sv['protocol']}, `{sv['url']}`): the same checks as on the file", ""]
+        rows = []
+        if "watermark_file" in sv:
+            for where in ("file", "server"):
+                w = sv[f"watermark_{where}"]
+                rows.append([f"watermark ({where})", f"{w['verdict']}: {w['matches']}/{w['n']}, p-value {w['p_value']:.3g}"])
+        for where in ("file", "server"):
+            k = sv[f"knockoff_{where}"]
+            srv = k.get("server") or {}
+            counted = f", Triton counted {srv['inference_rows']} rows" if srv.get("inference_rows") is not None else ""
+            rows.append([f"KnockoffNets ({where})", f"{k['queries_used']}/{k['budget']} queries{counted}; fidelity "
+                         f"{k['fidelity']:.4f}, surrogate accuracy {k['surrogate_accuracy']:.4f}"])
+        rows.append(["SIGTERM to exit", f"{sv['stop_seconds']:.2f} s"])
+        out += [_table(["check", "result"], rows), ""]
     out += ["## Artifacts", ""]
     out += [_table(["name", "path"], [[k, f"`{v}`"] for k, v in report["artifacts"].items()]), ""]
     out += ["## Checks", ""]

@@ -200,6 +200,23 @@ class PipelineExtractionConfig(Config):
 
 
 @dataclass(frozen=True)
+class PipelineServeConfig(Config):
+    """The serve stage (opt-in, extra ``[serve]``): the shipped FP32 ONNX behind a real Triton Inference Server on
+    loopback; the watermark verification and KnockoffNets run through it and are compared with the same checks on
+    the file."""
+
+    enabled: bool = False
+    protocol: str = "http"  # or grpc
+    budget: int = 500  # KnockoffNets queries through the server (Triton's own count is checked against it)
+    epochs: int = 5  # surrogate training epochs (both runs)
+    max_batch: int = 64
+
+    def __post_init__(self) -> None:
+        require(self.protocol in ("http", "grpc"), "serve.protocol must be http or grpc")
+        require(self.budget >= 1 and self.epochs >= 1, "serve.budget and serve.epochs must be >= 1")
+
+
+@dataclass(frozen=True)
 class PipelineConfig(Config):
     name: str = "pipeline"
     seed: int = 0
@@ -215,6 +232,7 @@ class PipelineConfig(Config):
     attacks: PipelineAttacksConfig = field(default_factory=PipelineAttacksConfig)
     extraction: PipelineExtractionConfig = field(default_factory=PipelineExtractionConfig)
     bench: PipelineBenchConfig = field(default_factory=PipelineBenchConfig)
+    serve: PipelineServeConfig = field(default_factory=PipelineServeConfig)
 
     device: str = "cpu"
 

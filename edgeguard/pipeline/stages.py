@@ -23,7 +23,8 @@ from edgeguard.protect import embed_watermark, verify_watermark
 from edgeguard.protect.fragile import FragileStore, protect_fragile, verify_store
 from edgeguard.protect.magicguard import MANIFEST_KEY, parity_atol, protect_magicguard
 from edgeguard.quantize import quantize_bundle
-from edgeguard.runtime import open_runner
+from edgeguard.runtime import open_runner, remote_settings
+from edgeguard.serve import ServeConfig, free_ports, launch
 
 
 @dataclass
@@ -367,6 +368,47 @@ def stage_fragile(ctx: Context) -> None:
                               "guarded": bool(ctx.cfg.magicguard.enabled)}
 
 
+def stage_serve(ctx: Context) -> None:
+    """The shipped FP32 ONNX behind ``edgeguard serve`` on loopback: the watermark verdict and KnockoffNets through
+    the server, each beside the same check on the file; Triton's own row count against the attack's budget."""
+    s = ctx.cfg.serve
+    if not s.enabled:
+        return
+    onnx_path = ctx.artifacts["onnx"]
+    x = ctx.cfg.extraction
+    options = {k: v for k, v in x.options.items() if k not in ("budget", "epochs")}
+    cfg = method_config("knockoff", {"seed": ctx.cfg.seed, **options, "budget": s.budget, "epochs": s.epochs})
+    rows = {}
+    with launch(onnx_path, ServeConfig(max_batch=s.max_batch, **dict(zip(("http_port", "grpc_port", "metrics_port"),
+                                                                        free_ports(3), strict=True)))) as srv:
+        url = srv.http if s.protocol == "http" else srv.grpc
+        log(f"serve: {onnx_path} at {url}")
+        with remote_settings(access_token=srv.token):
+            if ctx.cfg.watermark.enabled:
+                vault = Vault(Path(ctx.bundle) / "vault")
+                for where, target in (("file", onnx_path), ("server", url)):
+                    with open_runner(target) as r:
+                        v = verify_watermark(r, vault, alpha=ctx.cfg.watermark.alpha)
+                    rows[f"watermark_{where}"] = {k: v.to_json()[k] for k in ("matches", "n", "p_value", "verdict")}
+                f, r_ = rows["watermark_file"], rows["watermark_server"]
+                ctx.check("watermark verdict through Triton equals the file's",
+                          (f["verdict"], f["matches"], f["p_value"]) == (r_["verdict"], r_["matches"], r_["p_value"]),
+                          f"server {r_['verdict']} {r_['matches']}/{r_['n']} (p {r_['p_value']:.3g}), "
+                          f"file {f['verdict']} {f['matches']}/{f['n']}")
+            on_file = extract(onnx_path, None, "knockoff", cfg, eval_data=ctx.cfg.data)
+            served = extract(url, None, "knockoff", cfg, eval_data=ctx.cfg.data, reference=onnx_path)
+        took = srv.stop()
+    rows["knockoff_file"], rows["knockoff_server"] = on_file.to_json(), served.to_json()
+    rows["stop_seconds"] = round(took, 2)
+    counted = (served.server or {}).get("inference_rows")
+    ctx.check("Triton counted exactly the attack's queries", counted == served.queries_used <= s.budget,
+              f"{counted} rows at the server, {served.queries_used} queries sent, budget {s.budget}")
+    ctx.check("KnockoffNets through Triton matches the file", abs(served.fidelity - on_file.fidelity) <= 0.02,
+              f"fidelity {served.fidelity:.4f} through the server, {on_file.fidelity:.4f} on the file")
+    ctx.check("the server drained and exited within 10 s of SIGTERM", took < 10, f"{took:.2f} s")
+    ctx.results["serve"] = {"url": url, "protocol": s.protocol, **rows}
+
+
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("train", stage_train),
     ("watermark", stage_watermark),
@@ -380,4 +422,5 @@ STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("defenses", stage_defenses),
     ("extraction", stage_extraction),
     ("bench", stage_bench),
+    ("serve", stage_serve),
 ]

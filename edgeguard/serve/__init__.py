@@ -5,6 +5,7 @@ A served model is checked like a file: ``open_runner("http://HOST:PORT/v2/models
 model repository instead (:mod:`edgeguard.export.triton_repo`).
 """
 
+from edgeguard.serve.process import ServerProcess, free_ports, launch
 from edgeguard.serve.triton import ServeConfig, ServeResult, check_ports, serve, server_env
 
-__all__ = ["ServeConfig", "ServeResult", "check_ports", "serve", "server_env"]
+__all__ = ["ServeConfig", "ServeResult", "ServerProcess", "check_ports", "free_ports", "launch", "serve", "server_env"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,67 +26,20 @@ pytest.importorskip("tritonclient.grpc")
 from edgeguard.cli import main  # noqa: E402
 from edgeguard.errors import BadInput  # noqa: E402
 from edgeguard.runtime import open_runner, remote_settings  # noqa: E402
+from edgeguard.serve import ServeConfig, ServerProcess, free_ports  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def free_ports(n: int = 3) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+class Server(ServerProcess):
+    """``edgeguard serve`` in a child process on free loopback ports, model name ``m``."""
 
-
-class Server:
-    """``python -m edgeguard serve`` in its own session; ``ready`` is the JSON line it prints."""
-
-    def __init__(self, artifact, tmp: Path, *extra: str):
-        self.ports = free_ports()
-        self.token_file = tmp / f"token-{self.ports[0]}"
-        cmd = [sys.executable, "-m", "edgeguard", "-q", "serve", str(artifact), "--name", "m",
-               "--http-port", str(self.ports[0]), "--grpc-port", str(self.ports[1]),
-               "--metrics-port", str(self.ports[2]), "--token-file", str(self.token_file), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-        self.ready = self._wait_ready(timeout=120)
-
-    def _wait_ready(self, timeout: float) -> dict:
-        lines: list[str] = []
-
-        def read():
-            for line in self.proc.stdout:
-                lines.append(line)
-                if line.startswith('{"event": "ready"'):
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        ready = [ln for ln in lines if ln.startswith('{"event": "ready"')]
-        if not ready:
-            self.proc.kill()
-            raise AssertionError(f"serve did not get ready: {lines} {self.proc.stderr.read()[-2000:]}")
-        return json.loads(ready[0])
-
-    @property
-    def token(self) -> str:
-        return self.token_file.read_text()
+    def __init__(self, artifact, tmp=None):
+        http, grpc, metrics = free_ports(3)
+        super().__init__(artifact, ServeConfig(name="m", http_port=http, grpc_port=grpc, metrics_port=metrics))
 
     def stop(self) -> float:
-        """SIGTERM; the seconds until the process (and its tritonserver) is gone."""
-        t0 = time.perf_counter()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        return time.perf_counter() - t0
+        return super().stop(kill_after=20)
 
 
 def tritonservers_of(pid: int) -> list[int]:
@@ -114,7 +66,7 @@ def protected(tiny_bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(protected, tmp_path_factory):
-    srv = Server(protected[0], tmp_path_factory.mktemp("srv"))
+    srv = Server(protected[0])
     yield srv
     took = srv.stop()
     assert srv.proc.returncode == 0 and took < 10, (srv.proc.returncode, took)
@@ -181,7 +133,7 @@ def test_extraction_budget_agrees_with_tritons_statistics(server, protected, tmp
 
 
 def test_sigterm_mid_load_ends_every_call_and_the_server(protected, tmp_path, digits_test):
-    srv = Server(protected[0], tmp_path)
+    srv = Server(protected[0])
     children = tritonservers_of(srv.proc.pid)
     x = digits_test.images[:64].numpy()
     outcomes: list[tuple[str, float]] = []
