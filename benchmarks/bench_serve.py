@@ -3,7 +3,8 @@
     python benchmarks/bench_serve.py [--seconds 4] [--concurrency 1,8,32] [--protocol http] [--out benchmarks/results/serve.json]
 
 One run trains a small digits model, exports it undefended and with the heuristic head fused, quantizes it to INT8,
-then serves each in turn (dynamic batching on, max batch 64) and drives it with N client threads, each with its own
+then serves all three at once (dynamic batching on, max batch 64) and drives each in turn, levels interleaved and
+repeated (best of ``--repeats`` reported), with N client threads, each with its own
 Open Inference Protocol client, sending one image per request for ``--seconds`` (and at most ``--max-requests`` per
 thread).  Reported per artifact and concurrency: throughput (images/s), p50/p99 latency, error count; and the
 heuristic head's throughput cost under dynamic batching as a ratio against undefended, measured in the same run.
@@ -13,6 +14,7 @@ Loopback only; bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import threading
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-requests", type=int, default=20000, help="per client thread")
     ap.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per cell, interleaved; the best is reported")
     ap.add_argument("--out", default="benchmarks/results/serve.json")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -93,20 +96,29 @@ def main() -> None:
         export_bundle(tmp / "b", tmp / "heuristic.onnx", defense="heuristic")
         quantize_bundle(tmp / "b", tmp / "int8", PtqConfig(target="tensorrt", calib_samples=256))
         artifacts = {"undefended": tmp / "fp32.onnx", "heuristic": tmp / "heuristic.onnx", "int8": tmp / "int8"}
-        for name, path in artifacts.items():
-            with launch(path) as srv:
-                url = srv.http if args.protocol == "http" else srv.grpc
-                drive(url, images, 8, 1.0, args.max_requests)  # warm-up, not reported
-                for c in levels:
-                    with remote_settings(access_token=srv.token), open_runner(url) as probe:
-                        s0 = probe.server_statistics()
-                        r = drive(url, images, c, args.seconds, args.max_requests)
-                        s1 = probe.server_statistics()
-                    batches = s1["execution_count"] - s0["execution_count"]  # what Triton's batcher formed
-                    r["mean_server_batch"] = round((s1["inference_count"] - s0["inference_count"]) / max(batches, 1), 2)
+        with contextlib.ExitStack() as stack:  # all three served at once; levels interleaved so drift hits all alike
+            servers = {name: stack.enter_context(launch(path)) for name, path in artifacts.items()}
+            urls = {name: srv.http if args.protocol == "http" else srv.grpc for name, srv in servers.items()}
+            for name in artifacts:
+                drive(urls[name], images, 8, 1.0, args.max_requests)  # warm-up, not reported
+            for c in levels:
+                for name in artifacts:
+                    runs = []
+                    for _ in range(args.repeats):
+                        with remote_settings(access_token=servers[name].token), open_runner(urls[name]) as probe:
+                            s0 = probe.server_statistics()
+                            runs.append(drive(urls[name], images, c, args.seconds, args.max_requests))
+                            s1 = probe.server_statistics()
+                        batches = s1["execution_count"] - s0["execution_count"]  # what Triton's batcher formed
+                        runs[-1]["mean_server_batch"] = round((s1["inference_count"] - s0["inference_count"])
+                                                              / max(batches, 1), 2)
+                    r = max(runs, key=lambda v: v["throughput"])  # best of the repeats: the least disturbed one
+                    r["errors"] = sum(v["errors"] for v in runs)
+                    r["repeats"] = [v["throughput"] for v in runs]
                     rows.append({"artifact": name, **r})
                     print(f"{name:>10}  c={c:<3} {r['throughput']:>8.1f} img/s  p50 {r['p50_ms']:.2f} ms  "
-                          f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}  mean server batch {r['mean_server_batch']}", flush=True)
+                          f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}  mean server batch {r['mean_server_batch']}",
+                          flush=True)
     base = {r["concurrency"]: r["throughput"] for r in rows if r["artifact"] == "undefended"}
     for r in rows:
         r["throughput_vs_undefended"] = round(r["throughput"] / base[r["concurrency"]], 3) if base.get(r["concurrency"]) else None
@@ -118,7 +130,7 @@ def main() -> None:
               f"{r['errors']} | {r['mean_server_batch']} | {r['throughput_vs_undefended']:.3f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"protocol": args.protocol, "seconds_per_level": args.seconds, "max_batch": 64, "max_queue_delay_us": 100,
+    record = {"protocol": args.protocol, "seconds_per_level": args.seconds, "repeats": args.repeats, "max_batch": 64, "max_queue_delay_us": 100,
               "rows": rows}
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -69,4 +69,10 @@ def test_demo_pipeline_meets_the_acceptance_bar(tmp_path):
     tampered = [r for r in fr["rows"] if r["artifact"].startswith(("FTLL", "weight noise"))]
     assert len(tampered) == 2 and all(r["verdict"] == "modified" and not r["hash_matches"] for r in tampered)
     assert "## Fragile triggers" in md
+    sv = report["results"]["serve"]
+    assert sv["watermark_server"] == sv["watermark_file"] and sv["watermark_server"]["verdict"] == "present"
+    ks = sv["knockoff_server"]
+    assert ks["queries_used"] == ks["server"]["inference_rows"] == 500
+    assert abs(ks["fidelity"] - sv["knockoff_file"]["fidelity"]) <= 0.02 and sv["stop_seconds"] < 10
+    assert "## Served by Triton Inference Server" in md
     assert report["seconds"]["total"] < 540

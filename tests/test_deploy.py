@@ -1,23 +1,16 @@
 """deploy/jetson: Python 3.10 syntax, shell syntax, the unit and container files, and the parts that run on CPU
-(serve.py over an ONNX runner, device_check.py's argument and power-file handling).  The device itself is not here."""
+(device_check.py's argument and power-file handling; serving is `edgeguard serve`, tested in tests/serve).  The device itself is not here."""
 
 from __future__ import annotations
 
 import ast
 import importlib.util
-import io
 import json
 import shutil
 import subprocess
-import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from edgeguard.runtime import open_runner
 
 JETSON = Path(__file__).resolve().parents[1] / "deploy" / "jetson"
 PY_FILES = sorted(JETSON.glob("*.py"))
@@ -33,7 +26,7 @@ def _load(name: str):
 
 def test_layout():
     names = {p.name for p in JETSON.iterdir()}
-    assert {"Dockerfile", "README.md", "device_check.py", "serve.py", "run.sh", "edgeguard-serve.service"} <= names
+    assert {"Dockerfile", "README.md", "device_check.py", "run.sh", "edgeguard-serve.service"} <= names
 
 
 @pytest.mark.parametrize("path", PY_FILES, ids=lambda p: p.name)
@@ -69,7 +62,8 @@ def test_service_unit():
     sections = {line.strip() for line in text.splitlines() if line.startswith("[")}
     assert sections == {"[Unit]", "[Service]", "[Install]"}
     for key in ("After=docker.service network-online.target", "Restart=on-failure", "RestartSec=5",
-                "WantedBy=multi-user.target", "--runtime nvidia", "serve.py --engine /models/model.engine"):
+                "WantedBy=multi-user.target", "--runtime nvidia", "edgeguard serve /models/model.engine",
+                "docker stop -t 15"):
         assert key in text, key
 
 
@@ -77,8 +71,8 @@ def test_dockerfile():
     text = (JETSON / "Dockerfile").read_text()
     assert "ARG BASE=nvcr.io/nvidia/l4t-jetpack:r36.4.0" in text and "FROM ${BASE}" in text
     assert "python3-libnvinfer" in text and "cuda-python>=12.6,<13" in text
-    assert "USER edgeguard" in text and "HEALTHCHECK" in text and "/health" in text
-    assert "deploy/jetson/serve.py" in text
+    assert "USER edgeguard" in text and "HEALTHCHECK" in text and "/v2/health/ready" in text
+    assert '"/opt/edgeguard[serve]"' in text and '"edgeguard", "serve", "/models/model.engine"' in text
 
 
 def test_device_check_missing_inputs_exit_2(tmp_path, capsys):
@@ -103,38 +97,6 @@ def test_device_check_power_file_and_reuse(tmp_path, monkeypatch):
     assert not dc.reusable(eng, "abc", True)  # another precision
     monkeypatch.setattr(dc, "sh", lambda cmd, timeout=0: (2, "", "built for compute capability 8.7"))
     assert not dc.reusable(eng, "abc", False)  # the runner refuses it here
-
-
-def test_serve_over_a_cpu_runner(tiny_onnx, digits_test):
-    from http.server import ThreadingHTTPServer
-
-    serve = _load("serve")
-    x = digits_test.images[:3].numpy()
-    with open_runner(tiny_onnx) as runner:
-        want = runner.predict(x)
-        server = ThreadingHTTPServer(("127.0.0.1", 0), serve.make_handler(runner, {"status": "ok", "engine": "t"}))
-        t = threading.Thread(target=server.serve_forever, daemon=True)
-        t.start()
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        try:
-            assert json.loads(urllib.request.urlopen(base + "/health", timeout=10).read()) == {"status": "ok", "engine": "t"}
-            body = json.dumps({"inputs": x.tolist(), "dtype": "float32"}).encode()
-            req = urllib.request.Request(base + "/predict", data=body, headers={"Content-Type": "application/json"})
-            got = json.loads(urllib.request.urlopen(req, timeout=30).read())
-            np.testing.assert_allclose(np.array(got["probabilities"]), want, atol=1e-6)
-            assert got["top1"] == want.argmax(1).tolist()
-            buf = io.BytesIO()
-            np.save(buf, x)
-            req = urllib.request.Request(base + "/predict", data=buf.getvalue(), headers={"Content-Type": "application/x-npy"})
-            np.testing.assert_allclose(np.array(json.loads(urllib.request.urlopen(req, timeout=30).read())["probabilities"]), want, atol=1e-6)
-            bad = urllib.request.Request(base + "/predict", data=json.dumps({"inputs": [[1, 2]]}).encode(),
-                                         headers={"Content-Type": "application/json"})
-            with pytest.raises(urllib.error.HTTPError) as e:
-                urllib.request.urlopen(bad, timeout=10)
-            assert e.value.code == 400 and "N x C x H x W" in json.loads(e.value.read())["error"]
-        finally:
-            server.shutdown()
-            server.server_close()
 
 
 # --- deploy/gpu_check.sh (issue 15): the one-shot GPU check ---------------------------------------------------
