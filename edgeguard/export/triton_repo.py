@@ -28,6 +28,15 @@ from edgeguard.runtime.remote import PARAMETER
 from edgeguard.runtime.trt_env import read_manifest
 
 
+def check_model_settings(name: str, max_batch: int, max_queue_delay_us: int, instances: int) -> None:
+    """What Triton accepts for a model's name, batching and instances (``serve`` and the repository alike)."""
+    require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", name)),
+            f"--name {name!r}: a model name takes letters, digits, '.', '_' and '-' only")
+    require(1 <= max_batch <= 4096, f"--max-batch must lie in 1..4096, got {max_batch}")
+    require(0 <= max_queue_delay_us <= 10_000_000, "--max-queue-delay-us must lie in 0..10000000")
+    require(1 <= instances <= 64, f"--instances must lie in 1..64, got {instances}")
+
+
 @dataclass(frozen=True)
 class TritonRepoConfig(Config):
     name: str = "model"
@@ -37,11 +46,7 @@ class TritonRepoConfig(Config):
     kind: str = "auto"  # auto: KIND_GPU for an engine, KIND_CPU for ONNX; or cpu / gpu
 
     def __post_init__(self) -> None:
-        require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)),
-                f"--name {self.name!r}: a model name takes letters, digits, '.', '_' and '-' only")
-        require(1 <= self.max_batch <= 4096, f"--max-batch must lie in 1..4096, got {self.max_batch}")
-        require(0 <= self.max_queue_delay_us <= 10_000_000, "--max-queue-delay-us must lie in 0..10000000")
-        require(1 <= self.instances <= 64, f"--instances must lie in 1..64, got {self.instances}")
+        check_model_settings(self.name, self.max_batch, self.max_queue_delay_us, self.instances)
         require(self.kind in ("auto", "cpu", "gpu"), f"--kind must be auto, cpu or gpu, got {self.kind!r}")
 
 
@@ -174,4 +179,4 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, cfg: TritonRepoCon
                             sha256=sha256_file(model_dir / "1" / facts["file"]), info=facts["public"])
 
 
-__all__ = ["TritonRepoConfig", "TritonRepoResult", "config_pbtxt", "write_triton_repo"]
+__all__ = ["TritonRepoConfig", "TritonRepoResult", "check_model_settings", "config_pbtxt", "write_triton_repo"]

@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sysconfig
@@ -39,6 +38,7 @@ import numpy as np
 
 from edgeguard.config import Config, require
 from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.export.triton_repo import check_model_settings
 from edgeguard.fileio import atomic_write_bytes
 from edgeguard.progress import log
 from edgeguard.runtime import is_remote, open_runner
@@ -61,14 +61,10 @@ class ServeConfig(Config):
     exit_timeout_s: int = 3  # drain time for in-flight requests after SIGTERM
 
     def __post_init__(self) -> None:
-        require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)),
-                f"--name {self.name!r}: a model name takes letters, digits, '.', '_' and '-' only")
+        check_model_settings(self.name, self.max_batch, self.max_queue_delay_us, self.instances)
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         require(all(1 <= p <= 65535 for p in ports), f"ports must lie in 1..65535, got {ports}")
         require(len(set(ports)) == 3, f"the HTTP, gRPC and metrics ports must differ, got {ports}")
-        require(1 <= self.max_batch <= 4096, f"--max-batch must lie in 1..4096, got {self.max_batch}")
-        require(0 <= self.max_queue_delay_us <= 10_000_000, "--max-queue-delay-us must lie in 0..10000000")
-        require(1 <= self.instances <= 64, f"--instances must lie in 1..64, got {self.instances}")
         require(0 <= self.exit_timeout_s <= 60, "exit_timeout_s must lie in 0..60")
 
     def urls(self) -> dict[str, str]:
