@@ -232,6 +232,7 @@ def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str |
         if triton is not None:
             with contextlib.suppress(Exception):
                 triton.stop()
+            _reap_stubs(f"pytrtion{os.getpid()}-")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for r in runners:
@@ -241,6 +242,35 @@ def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str |
     return ServeResult(artifact=str(artifact), urls=cfg.urls(), info=public, requests=counters["requests"],
                        rows=counters["rows"], batches=counters["batches"], failed_batches=counters["failed_batches"],
                        seconds=round(time.perf_counter() - t0, 2), stopped_by=stopped_by[0])
+
+
+def _reap_stubs(shm_prefix: str) -> list[int]:
+    """Kill this server's Python-backend stubs (and their children) if they outlived tritonserver.
+
+    When in-flight requests outlast Triton's exit timeout, tritonserver exits without unloading the model, and the
+    stub -- which does not watch its parent -- polls on forever.  A stub is recognised by its shared-memory prefix
+    argument, which PyTriton derives from this process's pid."""
+    procs: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(entry.name)] = (ppid, cmd)
+    doomed = [pid for pid, (_, cmd) in procs.items() if "triton_python_backend_stub" in cmd and shm_prefix in cmd]
+    frontier = list(doomed)
+    while frontier:
+        parent = frontier.pop()
+        kids = [pid for pid, (ppid, _) in procs.items() if ppid == parent and pid not in doomed]
+        doomed += kids
+        frontier += kids
+    for pid in doomed:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return doomed
 
 
 @contextlib.contextmanager

@@ -42,6 +42,13 @@ class Server(ServerProcess):
         return super().stop(kill_after=20)
 
 
+def _cmdline_has(proc: Path, needle: bytes) -> bool:
+    try:
+        return needle in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def tritonservers_of(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
@@ -169,6 +176,9 @@ def test_sigterm_mid_load_ends_every_call_and_the_server(protected, tmp_path, di
     assert all("Traceback" not in msg for msg, _ in outcomes)
     time.sleep(0.5)
     assert not [c for c in children if Path(f"/proc/{c}").exists()], "tritonserver outlived serve"
+    prefix = f"pytrtion{srv.proc.pid}-".encode()
+    stubs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, prefix)]
+    assert not stubs, "a Python-backend stub outlived serve"
 
 
 def test_serve_bad_input_is_one_sentence(protected, tmp_path):
