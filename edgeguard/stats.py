@@ -46,3 +46,50 @@ def chernoff_bound(m: int, n: int, p: float) -> float:
         return p**n
     d = q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
     return math.exp(-n * d)
+
+
+# --- intervals and paired comparisons over seeds (the grid's verdict table) -------------------------------------
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its two-sided Student-t confidence interval ``(mean, lo, hi)``; with one value, ``(v, v, v)``."""
+    from scipy import stats as st  # scikit-learn's own dependency, always installed
+
+    n = len(values)
+    if n == 0:
+        raise ValueError("an interval needs at least one value")
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, mean, mean
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(st.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired_comparison(treated: list[float], control: list[float], confidence: float = 0.95) -> dict[str, float | int]:
+    """Paired comparison of ``treated`` against ``control`` at equal seeds (same victim, same attack seed).
+
+    Returns the mean difference (treated - control) with its t interval, the two-sided paired t-test p-value, and
+    the exact two-sided sign-flip permutation p-value (all 2^n sign patterns of the differences; n <= 20), which
+    needs no normality.  Identical samples give p = 1.
+    """
+    from scipy import stats as st
+
+    if len(treated) != len(control) or not treated:
+        raise ValueError("paired samples must be non-empty and of equal length")
+    d = [a - b for a, b in zip(treated, control, strict=True)]
+    n = len(d)
+    mean, lo, hi = t_interval(d, confidence)
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
+    if n < 2 or sd == 0.0:
+        t_p = 1.0 if mean == 0.0 else 0.0
+    else:
+        t_p = float(2 * st.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    if n > 20:
+        raise ValueError("the exact permutation test enumerates 2^n patterns; use at most 20 pairs")
+    observed = abs(math.fsum(d))
+    extreme = 0
+    for mask in range(1 << n):
+        s = math.fsum(-v if mask >> i & 1 else v for i, v in enumerate(d))
+        extreme += abs(s) >= observed - 1e-12
+    return {"n": n, "mean_diff": mean, "lo": lo, "hi": hi, "t_p": t_p, "perm_p": extreme / (1 << n)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import types
 
 import pytest
 
@@ -105,37 +104,25 @@ def test_deleting_a_cell_recomputes_exactly_that_cell(tiny_grid, tmp_path, monke
     assert {k: v for k, v in after.items() if k != f"{victim}.json"} == before and f"{victim}.json" in after
 
 
-def test_ray_backend_runs_the_same_cells(tiny_grid, tmp_path, monkeypatch):
-    """The Ray path, through a stand-in ``ray`` module that runs each task inline (ray itself is optional)."""
+@pytest.mark.slow
+def test_ray_backend_on_real_ray_matches_the_local_pool(tiny_grid, tmp_path):
+    """The whole tiny grid again, on a real local Ray (ray.init(num_cpus=2)): the same cells, the same numbers."""
+    ray = pytest.importorskip("ray")  # the dev extra installs it, so CI runs this
     cfg, src, _ = tiny_grid
-    out = tmp_path / "run"
-    shutil.copytree(src, out)
-    victim = json.loads((out / "grid.json").read_text())["cells"][0]["cell_id"]
-    (out / "cells" / f"{victim}.json").unlink()
-    fake = types.ModuleType("ray")
-    submitted = []
-
-    class Ref:
-        def __init__(self, value):
-            self.value = value
-
-    class Remote:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def remote(self, *args):
-            submitted.append(args[1].get("cell_id"))
-            return Ref(self.fn(*args))
-
-    fake.is_initialized = lambda: True
-    fake.remote = lambda **kw: Remote
-    fake.wait = lambda refs, num_returns=1: (refs[:num_returns], refs[num_returns:])
-    fake.get = lambda ref: ref.value
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    monkeypatch.setenv("EDGEGUARD_QUIET", "1")
-    monkeypatch.setattr("torch.set_num_threads", lambda n: None)  # the stand-in runs in this process
-    res = run_grid(cfg, out, backend="ray")
-    assert submitted == [victim] and res.report["computed_cells"] == [victim] and res.passed
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        res = run_grid(cfg, tmp_path / "ray", backend="ray")
+    finally:
+        ray.shutdown()
+    assert res.passed and res.report["backend"] == "ray" and res.report["counts"]["computed"] == 3
+    local = json.loads((src / "grid.json").read_text())
+    assert [c["cell_id"] for c in res.report["cells"]] == [c["cell_id"] for c in local["cells"]]
+    for cell in local["cells"]:
+        a = json.loads((src / "cells" / f"{cell['cell_id']}.json").read_text())["result"]
+        b = json.loads((tmp_path / "ray" / "cells" / f"{cell['cell_id']}.json").read_text())["result"]
+        for key in ("surrogate_accuracy", "fidelity", "defender_accuracy", "queries_used"):
+            assert b[key] == pytest.approx(a[key], abs=1e-9), (cell["cell_id"], key)
+        assert b["defense_l1_mean"] == pytest.approx(a["defense_l1_mean"], abs=1e-6)
 
 
 def test_ray_backend_without_ray_is_backend_unavailable(tiny_bundle, tmp_path, monkeypatch):
@@ -221,3 +208,37 @@ def test_default_grid_config_loads():
     assert cfg.victim.bundle is None and cfg.victim.model.arch == "smallcnn"
     assert [p.label for p in cfg.defense_points()][:3] == ["none", "heuristic[beta=0.5]", "heuristic[beta=0.9]"]
     assert len(cfg.defense_points()) * len(cfg.attack_points()) * len(cfg.seeds) >= 6
+
+
+def test_verdicts_pair_each_defense_with_no_defense_at_equal_seeds():
+    """summarize + the verdict table on a fixed table of cell results: the paired comparison is scipy's."""
+    from scipy import stats as st
+
+    from edgeguard.grid.config import AttackPoint, DefensePoint
+    from edgeguard.grid.report import summarize, verdict_table
+
+    seeds = (0, 1, 2, 3, 4, 5)
+    fid = {"none": [0.52, 0.20, 0.89, 0.37, 0.53, 0.61], "strong": [0.31, 0.18, 0.62, 0.30, 0.50, 0.40],
+           "weak": [0.55, 0.18, 0.90, 0.35, 0.50, 0.66]}
+    acc = {"none": [0.99] * 6, "strong": [0.99] * 6, "weak": [0.97, 0.98, 0.97, 0.96, 0.98, 0.97]}
+    dps = [DefensePoint("none", {}, {}), DefensePoint("strong", {"beta": 1}, {}), DefensePoint("weak", {}, {})]
+    aps = [AttackPoint("knockoff", {"budget": 2000})]
+    ids, records = {}, {}
+    for di, d in enumerate(dps):
+        for s in seeds:
+            ids[di, 0, s] = f"{d.name}-{s}"
+            records[f"{d.name}-{s}"] = {"result": {"fidelity": fid[d.name][s], "defender_accuracy": acc[d.name][s],
+                                                   "surrogate_accuracy": 0.5, "defense_l1_mean": 0.1, "queries_used": 2000}}
+    del records["weak-5"]  # an unfinished cell: the pairing uses the five seeds both rows have
+    rows = summarize(dps, aps, seeds, ids, records)
+    base, strong, weak = rows
+    assert base["paired"] is None and strong["paired"]["seeds"] == list(seeds) and weak["paired"]["seeds"] == [0, 1, 2, 3, 4]
+    p = strong["paired"]["fidelity"]
+    assert p["t_p"] == pytest.approx(st.ttest_rel(fid["strong"], fid["none"]).pvalue, abs=1e-6)
+    assert p["perm_p"] == pytest.approx(2 / 64) and strong["paired"]["verdict"] == "lowers fidelity at no accuracy cost"
+    assert weak["paired"]["verdict"] == "no significant effect on fidelity" and not weak["paired"]["lowers_fidelity"]
+    assert weak["paired"]["no_accuracy_cost"] is False
+    lo, hi = st.t.interval(0.95, 5, loc=sum(fid["none"]) / 6, scale=st.sem(fid["none"]))
+    assert (base["fidelity"]["lo"], base["fidelity"]["hi"]) == pytest.approx((lo, hi), abs=1e-6)
+    table = verdict_table(rows)
+    assert "| strong | beta=1 | 6 | +0.0000 |" in table and "**yes**" in table and "| weak | - | 5 | +0.0180 |" in table

