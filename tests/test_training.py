@@ -165,3 +165,25 @@ def test_stop_on_divergence_records_the_step_and_applies_no_update_from_it(digit
 def test_unknown_device_is_bad_input():
     with pytest.raises(BadInput, match="device must be cpu, cuda or cuda:N"):
         TrainConfig(device="gpu")
+
+
+def test_channels_last_training_learns_the_same_task_and_hands_back_the_usual_layout():
+    """fit(channels_last=True): NHWC during training (faster convolutions on CPU), contiguous weights afterwards,
+    the same parameter objects, and a model as good as the default layout's."""
+    import torch
+
+    from edgeguard.data import load_dataset
+    from edgeguard.models import create_model
+    from edgeguard.training import TrainConfig, fit, model_accuracy
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    accs = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        m = create_model("smallcnn", num_classes=10, in_channels=1)
+        ids = [id(p) for p in m.parameters()]
+        fit(m, train, TrainConfig(epochs=2, lr=0.05, seed=0), channels_last=cl, quiet=True)
+        assert [id(p) for p in m.parameters()] == ids
+        assert all(p.is_contiguous() for p in m.parameters())
+        accs.append(model_accuracy(m, test, "cpu"))
+    assert min(accs) > 0.9 and abs(accs[0] - accs[1]) < 0.03, accs

@@ -124,7 +124,7 @@ def train_surrogate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Ext
 
     fit(model, TensorData(x, y), TrainConfig(epochs=epochs or cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                              augment=cfg.augment, seed=cfg.seed),
-        loss=loss, extra=extra, desc=desc, quiet=quiet)
+        loss=loss, extra=extra, desc=desc, quiet=quiet, channels_last=True)
     return model.eval()
 
 
