@@ -15,15 +15,20 @@ DIGITS_TEST_FRACTION = 0.3
 
 
 @DATASETS.register("digits", family="builtin")
-def digits(split: str, *, root: str | None = None, size: int = 32) -> ImageDataset:
+def digits(split: str, *, root: str | None = None, size: int = 32, pad: int = 0) -> ImageDataset:
     """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to ``size`` (bilinear), 1 channel.
 
-    Fixed stratified split (seed 0, 30% test): 1,257 train / 540 test images, 10 classes.
+    Fixed stratified split (seed 0, 30% test): 1,257 train / 540 test images, 10 classes.  ``pad`` puts a
+    black border of that many pixels around the digit inside the ``size`` frame (the digit is resized to
+    ``size - 2*pad``): ``size=28, pad=4`` matches MNIST's 20x20 digit box centred in 28x28.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     size = int_option("digits", "size", size, 8)
+    pad = int_option("digits", "pad", pad, 0)
+    if size - 2 * pad < 1:
+        raise BadInput(f"digits: pad={pad} leaves no room for the digit in a {size}x{size} frame")
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8) in [0,1]
     y = torch.tensor(d.target, dtype=torch.long)
@@ -32,8 +37,11 @@ def digits(split: str, *, root: str | None = None, size: int = 32) -> ImageDatas
     )
     idx = torch.tensor(idx_train if split == "train" else idx_test)
     x = x[idx]
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    inner = size - 2 * pad
+    if inner != 8:
+        x = F.interpolate(x, size=(inner, inner), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad))
     return make_dataset("digits", split, x.contiguous(), y[idx], [str(i) for i in range(10)])
 
 

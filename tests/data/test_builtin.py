@@ -23,6 +23,19 @@ def test_digits_fixed_split_and_range():
     assert load_dataset("digits", "test", size=8).info.input_shape == (1, 8, 8)
 
 
+def test_digits_pad_centres_the_digit_like_mnist():
+    x = load_dataset("digits", "test", size=28, pad=5).tensors()[0]
+    assert x.shape == (540, 1, 28, 28)
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[5:23, 5:23] = False
+    assert float(x[:, 0, border].abs().max()) == 0.0  # a black frame of 5 pixels
+    inner = torch.nn.functional.interpolate(load_dataset("digits", "test", size=8).tensors()[0], size=(18, 18),
+                                            mode="bilinear", align_corners=False).clamp(0, 1)
+    assert torch.equal(x[:, :, 5:23, 5:23], inner)  # the digit itself, resized to 18x18
+    with pytest.raises(BadInput, match="no room"):
+        load_dataset("digits", "test", size=28, pad=14)
+
+
 def test_synthetic_is_seeded_sized_and_shares_classes_across_splits():
     a = load_dataset("synthetic", "train", n=64, size=16, seed=1)
     b = load_dataset("synthetic", "train", n=64, size=16, seed=1)
