@@ -136,6 +136,22 @@ def test_ray_backend_without_ray_is_backend_unavailable(tiny_bundle, tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
+def test_an_attack_restricted_to_some_defenses_runs_only_those_cells(tiny_grid, tmp_path, monkeypatch):
+    cfg, src, _ = tiny_grid
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    mapping = tiny_mapping(cfg.victim.bundle)
+    extra = {"method": "knockoff", "params": {"budget": 150, "epochs": 1, "query_options": {"n": 400}}, "defenses": []}
+    cfg2 = GridConfig.from_mapping({**mapping, "attacks": [*mapping["attacks"], extra]})
+    assert cfg2.attack_points()[1].defenses == ("none",)  # the baseline always runs
+    cells = _counting(monkeypatch, "run_cell")
+    res = run_grid(cfg2, out, workers=1)
+    assert res.passed and len(cells) == 1  # the three cells of the first attack are reused
+    assert res.report["counts"] == {"cells": 4, "done": 4, "computed": 1, "reused": 3, "failed": 0}
+    rows = [r for r in res.report["summary"] if r["attack_params"]["budget"] == 150]
+    assert [r["defense"] for r in rows] == ["none"] and rows[0]["queries_used"]["mean"] == 150
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -154,6 +170,9 @@ def test_ray_backend_without_ray_is_backend_unavailable(tiny_bundle, tmp_path, m
         ({"victim": {"bundle": "x", "model": {"arch": "smallcnn"}}}, "both bundle and model"),
         ({"eval": {"name": "nonesuch"}}, "unknown dataset 'nonesuch'"),
         ({"colour": "blue"}, "unknown parameter 'colour'"),
+        ({"attacks": [{"method": "knockoff", "defenses": ["topk"]}]}, "which grid.defenses does not list"),
+        ({"attacks": [{"method": "knockoff", "defenses": "heuristic"}]}, "must be a list of defense names"),
+        ({"attacks": [{"method": "knockoff", "only": ["none"]}]}, "unknown key 'only'"),
     ],
 )
 def test_bad_config_is_refused_at_load_before_any_file(tiny_bundle, tmp_path, change, message):

@@ -100,25 +100,34 @@ class AttackPoint:
 
     method: str
     params: dict
+    defenses: tuple[str, ...] | None = None  # the defense names this attack runs against (None: all of them)
 
     @property
     def label(self) -> str:
         return _label(self.method, self.params)
 
+    def meets(self, defense: DefensePoint) -> bool:
+        return self.defenses is None or defense.name in self.defenses
+
     def config(self, seed: int):
         return method_config(self.method, {**self.params, "seed": seed})
 
 
-def _entry(e: Any, key: str, what: str) -> dict[str, Any]:
+def _entry(e: Any, key: str, what: str, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     if isinstance(e, str):
         e = {key: e}
     require(isinstance(e, Mapping), f"{what} must be a name or a mapping {{{key}, params}}, got {e!r:.60}")
-    extra = sorted(set(e) - {key, "params"})
-    require(not extra, f"{what} has an unknown key {extra[0] if extra else ''!r} (expected {key} and params)")
+    allowed = (key, "params", *extra_keys)
+    extra = sorted(set(e) - set(allowed))
+    require(not extra, f"{what} has an unknown key {extra[0] if extra else ''!r} (expected {', '.join(allowed)})")
     require(isinstance(e.get(key), str), f"{what} needs a {key}")
     params = e.get("params") or {}
     require(isinstance(params, Mapping), f"{what}.params must be a mapping of parameters")
-    return {key: e[key], "params": dict(params)}
+    out = {key: e[key], "params": dict(params)}
+    for k in extra_keys:
+        if e.get(k) is not None:
+            out[k] = e[k]
+    return out
 
 
 def _prefixed(what: str, fn: Callable[[], Any]) -> Any:
@@ -165,7 +174,7 @@ class GridConfig(Config):
     seed: int = 0  # the victim's training seed (attack seeds: ``seeds``)
     victim: GridVictimConfig = field(default_factory=GridVictimConfig)
     defenses: tuple = ()  # names or {name, params}; list values sweep; ``none`` is always added
-    attacks: tuple = ()  # names or {method, params}; list values sweep
+    attacks: tuple = ()  # names or {method, params, defenses}; list values sweep; defenses: only these (and none)
     seeds: tuple[int, ...] = (0,)
     eval: DataConfig | None = None  # the evaluation set (test split); default: the victim's dataset
     workers: int = 2
@@ -181,7 +190,7 @@ class GridConfig(Config):
         object.__setattr__(self, "defenses",
                            tuple(_entry(d, "name", f"grid.defenses[{i}]") for i, d in enumerate(self.defenses)))
         object.__setattr__(self, "attacks",
-                           tuple(_entry(a, "method", f"grid.attacks[{i}]") for i, a in enumerate(self.attacks)))
+                           tuple(_entry(a, "method", f"grid.attacks[{i}]", ("defenses",)) for i, a in enumerate(self.attacks)))
         ev = self.eval
         if isinstance(ev, str):
             ev = DataConfig(name=ev)
@@ -226,8 +235,17 @@ class GridConfig(Config):
             what = f"grid.attacks[{i}] ({a['method']})"
             require("seed" not in a["params"], f"{what}: set attack seeds with the grid's seeds list, not params.seed")
             entry = _prefixed(what, lambda a=a: ATTACKS.entry(a["method"]))
+            only = a.get("defenses")
+            if only is not None:
+                require(isinstance(only, (list, tuple)) and all(isinstance(n, str) for n in only),
+                        f"{what}: defenses must be a list of defense names")
+                known = {d.name for d in self.defense_points()}
+                bad = [n for n in only if n not in known]
+                require(not bad, f"{what}: defenses names {bad[0] if bad else ''!r}, which grid.defenses does not list "
+                                 f"(listed: {', '.join(sorted(known))})")
+                only = tuple(dict.fromkeys([BASELINE, *only]))  # every attack runs against no defense: the baseline
             for p in expand_sweep(a["params"], entry.config, what):
-                pt = AttackPoint(a["method"], p)
+                pt = AttackPoint(a["method"], p, only)
                 for s in self.seeds:
                     _prefixed(what, lambda pt=pt, s=s: pt.config(s))
                 points.append(pt)

@@ -60,6 +60,8 @@ def summarize(dpoints: list[DefensePoint], apoints: list[AttackPoint], seeds: tu
     for ai, a in enumerate(apoints):
         block, by_seed = [], []
         for di, d in enumerate(dpoints):
+            if not a.meets(d):
+                continue
             per_seed = {s: records[ids[di, ai, s]]["result"] for s in seeds if ids[di, ai, s] in records}
             by_seed.append(per_seed)
             results = list(per_seed.values())

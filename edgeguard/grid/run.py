@@ -128,6 +128,8 @@ def run_grid(cfg: GridConfig, out: str | Path, backend: str = "local", workers: 
     records: dict[str, dict[str, Any]] = {}
     for di, d in enumerate(dpoints):
         for ai, a in enumerate(apoints):
+            if not a.meets(d):
+                continue
             for s in cfg.seeds:
                 attack_cfg = a.config(s).params()
                 cid = short_hash({"victim": victim_sha, "defense": d.spec(), "method": a.method, "attack": attack_cfg,
@@ -139,7 +141,7 @@ def run_grid(cfg: GridConfig, out: str | Path, backend: str = "local", workers: 
                     records[cid] = rec
     pending = [c for c in cells if c["cell_id"] not in records]
     reused = len(cells) - len(pending)
-    log(f"grid {cfg.name}: {len(dpoints)} defense points x {len(apoints)} attack points x {len(cfg.seeds)} seeds = "
+    log(f"grid {cfg.name}: {len(dpoints)} defense points, {len(apoints)} attack points, {len(cfg.seeds)} seeds: "
         f"{len(cells)} cells; {reused} done already, {len(pending)} to run ({backend}, {workers} workers)")
 
     # exports (one per defense point that still has cells to run, unless cached) and cells, in one pool: a cell is
@@ -256,7 +258,8 @@ def run_grid(cfg: GridConfig, out: str | Path, backend: str = "local", workers: 
         "seeds": list(cfg.seeds),
         "defense_points": [{"label": d.label, "name": d.name, "params": d.params, "config": d.full, "key": dkeys[i],
                             "artifact": f"artifacts/{dkeys[i]}/model.onnx"} for i, d in enumerate(dpoints)],
-        "attack_points": [{"label": a.label, "method": a.method, "params": a.params} for a in apoints],
+        "attack_points": [{"label": a.label, "method": a.method, "params": a.params,
+                           "defenses": None if a.defenses is None else list(a.defenses)} for a in apoints],
         "counts": counts,
         "computed_cells": computed,
         "cells": cell_rows,
