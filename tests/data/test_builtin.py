@@ -71,3 +71,23 @@ def test_unknown_names_and_bad_options():
         load_dataset("synthetic", n=0)
     with pytest.raises(BadInput, match="unexpected keyword|dataset 'digits'"):
         load_dataset("digits", colour=True)
+
+
+def test_photo_crops_are_seeded_natural_image_crops():
+    tr = load_dataset("photo_crops", "train", n=300)
+    x, y = tr.tensors()
+    assert x.shape == (300, 3, 32, 32) and tr.num_classes == 1 and int(y.max()) == 0
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert torch.equal(load_dataset("photo_crops", "train", n=300).tensors()[0], x)  # seeded
+    te = load_dataset("photo_crops", "test", n=300).tensors()[0]
+    assert not torch.equal(te, x)  # the splits draw different crops
+    # natural images: neighbouring pixels are strongly correlated (white noise would give ~0)
+    a, b = x[..., :, :-1].flatten(), x[..., :, 1:].flatten()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.8
+    assert float(x.mean(dim=(1, 2, 3)).std()) > 0.05  # crops differ from one another
+    grey = load_dataset("photo_crops", "train", n=10, size=28, channels=1).tensors()[0]
+    assert grey.shape == (10, 1, 28, 28)
+    with pytest.raises(BadInput, match="min_scale"):
+        load_dataset("photo_crops", "train", min_scale=0.6, max_scale=0.5)
+    with pytest.raises(BadInput, match="channels"):
+        load_dataset("photo_crops", "train", channels=2)
