@@ -142,9 +142,14 @@ class Bundle:
         sd = self.state_dict()
         try:
             model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
-            raise BadInput(f"{self.path / WEIGHTS} does not fit architecture {self.spec.arch!r}: {first}") from None
+        except RuntimeError:
+            want, have = model.state_dict(), sd
+            missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            shaped = sorted(k for k in set(want) & set(have) if tuple(want[k].shape) != tuple(getattr(have[k], "shape", ())))
+            parts = [f"{len(v)} {what} (first {v[0]!r})" for v, what in
+                     ((missing, "missing tensors"), (unexpected, "unexpected tensors"), (shaped, "tensors of another shape")) if v]
+            raise BadInput(f"{self.path / WEIGHTS} does not fit architecture {self.spec.arch!r}: "
+                           f"{'; '.join(parts) or 'the state dict does not load'}") from None
         norm = model.normalize
         if not (torch.allclose(norm.mean.flatten(), torch.tensor(self.spec.mean)) and torch.allclose(norm.std.flatten(), torch.tensor(self.spec.std))):
             raise BadInput(f"{self.path / MANIFEST}: normalization disagrees with {WEIGHTS}; the bundle was edited")

@@ -46,7 +46,10 @@ def atomic_write(path: str | Path, writer: Callable[[Path], Any], *, mode: int |
     file's permissions (default: 0666 less the umask; 0o600 for a secret)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file the user asked for, not the temp name beside it
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     try:
         writer(Path(tmp))
@@ -67,7 +70,10 @@ def atomic_dir(path: str | Path, *, may_replace: Callable[[Path], bool]) -> Iter
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.chmod(tmp, 0o777 & ~_umask())
     old = None
     try:

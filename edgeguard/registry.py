@@ -124,5 +124,6 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
                 raise ValueError
             return hint(value)
     except (TypeError, ValueError):
-        raise BadInput(f"{what} must be a {getattr(hint, '__name__', hint)} (got {value!r})") from None
+        name = str(getattr(hint, "__name__", hint))
+        raise BadInput(f"{what} must be {'an' if name[:1] in 'aeiou' else 'a'} {name} (got {value!r})") from None
     return value

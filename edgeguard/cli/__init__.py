@@ -11,6 +11,8 @@ Shared options live in :mod:`edgeguard.cli.options`.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import click
 
@@ -48,13 +50,37 @@ for _command in (train_cmd, evaluate_cmd, export_cmd, info_cmd, bench_cmd, build
 _INTERRUPTED = "edgeguard: interrupted; outputs are written atomically, so nothing half-written was left"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and temp-folder cleanup runs (exit 143)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: maps EdgeguardError to its exit code with one sentence on stderr."""
+    """Entry point: maps EdgeguardError to its exit code with one sentence on stderr.  SIGINT and SIGTERM unwind
+    like an exception (temp files removed, previous outputs left in place): exit 130 and 143."""
+    own_sigterm = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if own_sigterm:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="edgeguard", standalone_mode=False)
     except EdgeguardError as e:
         click.echo(f"edgeguard: error: {e}", err=True)
         return e.exit_code
+    except Terminated:
+        click.echo(_INTERRUPTED.replace("interrupted", "terminated (SIGTERM)"), err=True)
+        return 143
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo(_INTERRUPTED, err=True)
         return 130

@@ -578,7 +578,10 @@ def _npz_images(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
     if x.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(x))
     if x.dtype.kind == "f":
-        if x.size and not (np.all(np.isfinite(x)) and x.min() >= 0.0 and x.max() <= 1.0):
+        if x.size and not np.all(np.isfinite(x)):
+            bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+            raise BadInput(f"{path}: {key!r} holds {bad} NaN or infinite pixel value{'s' if bad > 1 else ''}")
+        if x.size and not (x.min() >= 0.0 and x.max() <= 1.0):
             raise BadInput(
                 f"{path}: float images in {key!r} must lie in [0, 1], found {float(np.nanmin(x)):g}..{float(np.nanmax(x)):g}"
             )

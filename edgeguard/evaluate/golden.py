@@ -211,6 +211,12 @@ def check_golden(artifact: str | Path, golden: str | Path, *, atol: float | None
         info = runner.info
         if info.num_classes != len(ref["classes"]):
             raise BadInput(f"{artifact} has {info.num_classes} classes but the golden file records {len(ref['classes'])}")
+        shapes = {tuple(parts["inputs"].shape[1:]) for parts in groups.values()}
+        bad = next((s for s in shapes if any(e is not None and e != a for e, a in zip(info.input_shape, s, strict=False))
+                    or len(s) != len(info.input_shape)), None)
+        if bad is not None:
+            raise BadInput(f"{golden} records inputs of shape {bad} but {artifact} takes "
+                           f"{tuple(info.input_shape)}: the goldens belong to another model")
         rule = tolerance(ref["precision"], info.precision, atol=atol, min_top1=min_top1)
         results = tuple(compare_group(g, parts["probs"], runner.predict(parts["inputs"]), rule)
                         for g, parts in sorted(groups.items()))

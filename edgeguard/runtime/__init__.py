@@ -31,6 +31,8 @@ def artifact_kind(path: str | Path) -> str:
         parse_endpoint(str(path))  # a malformed URL is refused here, before any connection
         return "remote"
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise BadInput(f"{p} is a symbolic link that leads nowhere (dangling, or a loop)")
     if p.is_dir():
         if not is_bundle(p):
             raise BadInput(f"{p} is a folder but not an edgeguard bundle (no manifest.json in it)")

@@ -115,7 +115,7 @@ class Runner:
             raise BadInput(f"input must be N x C x H x W images, got shape {arr.shape}")
         if any(e is not None and e != a for e, a in zip(expected, arr.shape[1:], strict=True)):
             want = "x".join("?" if e is None else str(e) for e in expected)
-            raise BadInput(f"input shape {tuple(arr.shape)} does not match the model's N x {want}")
+            raise BadInput(f"input shape {tuple(arr.shape)} does not match {self.path}'s N x {want}")
         if arr.dtype == np.uint8:
             return arr.astype(np.float32) / np.float32(255.0)
         if not np.issubdtype(arr.dtype, np.floating):

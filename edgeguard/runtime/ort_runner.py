@@ -71,6 +71,12 @@ class OrtRunner(Runner):
         self._input = inputs[0].name
         names = [o.name for o in outputs]
         flag = "defense_flag"  # edgeguard.export.heads.FLAG_OUTPUT (not imported: keeps this module torch-free)
+        extra = [o for o in outputs[1:] if o.name != flag]
+        if extra:
+            raise BadInput(f"{self.path} has {len(outputs)} outputs ({', '.join(names)}); a classifier has one: "
+                           f"(N, classes) scores")
+        if len(outputs[0].shape or ()) != 2:
+            raise BadInput(f"{self.path} outputs shape {outputs[0].shape}, not (N, classes): it is not a classifier")
         self._outputs = [names[0]] + ([flag] if flag in names else [])
         meta = decode(self._session.get_modelmeta().custom_metadata_map)
         self.metadata = meta
