@@ -238,9 +238,10 @@ def test_verdicts_pair_each_defense_with_no_defense_at_equal_seeds():
 
     seeds = (0, 1, 2, 3, 4, 5)
     fid = {"none": [0.52, 0.20, 0.89, 0.37, 0.53, 0.61], "strong": [0.31, 0.18, 0.62, 0.30, 0.50, 0.40],
-           "weak": [0.55, 0.18, 0.90, 0.35, 0.50, 0.66]}
-    acc = {"none": [0.99] * 6, "strong": [0.99] * 6, "weak": [0.97, 0.98, 0.97, 0.96, 0.98, 0.97]}
-    dps = [DefensePoint("none", {}, {}), DefensePoint("strong", {"beta": 1}, {}), DefensePoint("weak", {}, {})]
+           "weak": [0.55, 0.18, 0.90, 0.35, 0.50, 0.66], "helps": [0.55, 0.22, 0.93, 0.38, 0.56, 0.63]}
+    acc = {"none": [0.99] * 6, "strong": [0.99] * 6, "weak": [0.97, 0.98, 0.97, 0.96, 0.98, 0.97], "helps": [0.99] * 6}
+    dps = [DefensePoint("none", {}, {}), DefensePoint("strong", {"beta": 1}, {}), DefensePoint("weak", {}, {}),
+           DefensePoint("helps", {}, {})]
     aps = [AttackPoint("knockoff", {"budget": 2000})]
     ids, records = {}, {}
     for di, d in enumerate(dps):
@@ -250,7 +251,8 @@ def test_verdicts_pair_each_defense_with_no_defense_at_equal_seeds():
                                                    "surrogate_accuracy": 0.5, "defense_l1_mean": 0.1, "queries_used": 2000}}
     del records["weak-5"]  # an unfinished cell: the pairing uses the five seeds both rows have
     rows = summarize(dps, aps, seeds, ids, records)
-    base, strong, weak = rows
+    base, strong, weak, helps = rows
+    assert helps["paired"]["verdict"] == "raises fidelity (helps the attacker)" and not helps["paired"]["lowers_fidelity"]
     assert base["paired"] is None and strong["paired"]["seeds"] == list(seeds) and weak["paired"]["seeds"] == [0, 1, 2, 3, 4]
     p = strong["paired"]["fidelity"]
     assert p["t_p"] == pytest.approx(st.ttest_rel(fid["strong"], fid["none"]).pvalue, abs=1e-6)

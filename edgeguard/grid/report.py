@@ -45,12 +45,14 @@ def _paired(row_results: dict[int, dict[str, Any]], base_results: dict[int, dict
         out[key] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}
     fid, acc = out.get("fidelity"), out.get("defender_accuracy")
     lowers = bool(fid and fid["mean_diff"] < 0 and fid["t_p"] < ALPHA)
+    raises = bool(fid and fid["mean_diff"] > 0 and fid["t_p"] < ALPHA)  # the defense helps the attacker
     cost = None if not acc else -acc["mean_diff"]
     out["lowers_fidelity"] = lowers
     out["no_accuracy_cost"] = None if cost is None else cost < NO_COST
     out["verdict"] = ("not enough paired seeds" if fid is None else
                       "lowers fidelity at no accuracy cost" if lowers and out["no_accuracy_cost"] else
-                      "lowers fidelity, costs accuracy" if lowers else "no significant effect on fidelity")
+                      "lowers fidelity, costs accuracy" if lowers else
+                      "raises fidelity (helps the attacker)" if raises else "no significant effect on fidelity")
     return out
 
 
