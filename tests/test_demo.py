@@ -56,13 +56,13 @@ def test_demo_pipeline_meets_the_acceptance_bar(tmp_path):
     assert abs(defenses[("modelguard_w", "fp32")]["l1_mean"] - 1.0) < 1e-3  # spends its whole budget
     assert "## Output defenses against model extraction" in md
     x = {r["defense"]: r for r in report["results"]["extraction"]["rows"]}
-    assert set(x) == {"none", "heuristic"} and all(r["queries_used"] == 2000 for r in x.values())
+    assert set(x) == {"none", "heuristic"} and all(r["queries_used"] == 1000 for r in x.values())
     assert x["none"]["fidelity"] > 0.3  # chance is 0.1
     assert x["heuristic"]["defense_l1_mean"] > 0 and x["none"]["defense_l1_mean"] == 0
     assert "## Model extraction (knockoff)" in md
     fr = report["results"]["fragile"]
     rows = {r["artifact"]: r for r in fr["rows"]}
-    assert fr["enrol"]["kept"] >= 90 and fr["enrol"]["check"]["verdict"] == "intact"
+    assert fr["enrol"]["kept"] >= 45 and fr["enrol"]["check"]["verdict"] == "intact"
     assert rows["shipped FP32 ONNX (enrolled)"]["verdict"] == "intact" and rows["shipped FP32 ONNX (enrolled)"]["acc_tri"] == 1.0
     assert rows["INT8 ONNX, FP32 enrolment"]["verdict"] == "drift"
     assert rows["INT8 ONNX (enrolled)"]["verdict"] == "intact"

@@ -57,7 +57,7 @@ def test_config_from_strings_coerces_and_validates():
     assert cfg == _ToyConfig(beta=0.25, k=7, mode="b", on=False, sizes=(1, 64))
     with pytest.raises(BadInput, match="unknown parameter 'gama'"):
         reg.config_from("alpha", {"gama": "1"})
-    with pytest.raises(BadInput, match="must be a int"):
+    with pytest.raises(BadInput, match="must be an int"):
         reg.config_from("alpha", {"k": "seven"})
     with pytest.raises(BadInput, match="must be one of a, b"):
         reg.config_from("alpha", {"mode": "c"})

@@ -78,10 +78,10 @@ def _main(argv: list[str] | None) -> int:
     except EdgeguardError as e:
         click.echo(f"edgeguard: error: {e}", err=True)
         return e.exit_code
-    except Terminated:
-        click.echo(_INTERRUPTED.replace("interrupted", "terminated (SIGTERM)"), err=True)
-        return 143
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns KeyboardInterrupt into Abort
+        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+            click.echo(_INTERRUPTED.replace("interrupted", "terminated (SIGTERM)"), err=True)
+            return 143
         click.echo(_INTERRUPTED, err=True)
         return 130
     except click.exceptions.ClickException as e:

@@ -11,6 +11,8 @@ the graph input).  ``clean_view`` does the reverse, for measurements: it cuts a 
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -34,8 +36,55 @@ class _HeadExport(nn.Module):
         return self.defense(logits, x)
 
 
+_HEAD_CACHE: OrderedDict[str, object] = OrderedDict()
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
+_HEAD_CACHE_SIZE = 8
+
+
+def _fingerprint(defense: Defense, *rest) -> str | None:
+    """A hash of everything the head computes with: its class, config, and every tensor and scalar attribute of every
+    submodule (registered or not).  None (no caching) if some attribute is of a kind the hash cannot vouch for."""
+    h = hashlib.sha256(repr((type(defense).__module__, type(defense).__qualname__, rest)).encode())
+    h.update(repr(defense.cfg.to_dict() if defense.cfg is not None else None).encode())
+    for name, module in defense.named_modules():
+        h.update(f"<{name}:{type(module).__qualname__}>".encode())
+        items = {**vars(module), **dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        for key in sorted(items):
+            value = items[key]
+            if key in _MODULE_BOOKKEEPING:  # nn.Module's own hooks, registries and flags
+                continue
+            if isinstance(value, torch.Tensor):
+                h.update(key.encode() + str(value.dtype).encode() + repr(tuple(value.shape)).encode())
+                h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            elif isinstance(value, (bool, int, float, str, type(None))) or (
+                    isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)):
+                h.update(f"{key}={value!r};".encode())
+            elif isinstance(value, torch.nn.Module) or key == "cfg":
+                continue  # submodules are visited by named_modules; the config is hashed above
+            else:
+                return None
+    return h.hexdigest()
+
+
 def head_proto(defense: Defense, input_shape: tuple[int, ...], opset: int, max_batch: int = 4096):
-    """Export ``defense`` alone to an ONNX ModelProto (dynamic batch)."""
+    """Export ``defense`` alone to an ONNX ModelProto (dynamic batch).
+
+    Exporting a head through torch.export takes seconds (ModelGuard-W's unrolled solver: about 13 s), and the FP32
+    and INT8 exports of one model append the same head, so the last few heads are kept, keyed by a hash of
+    everything they compute with; a hit returns a copy."""
+    key = _fingerprint(defense, tuple(input_shape), opset, max_batch)
+    if key is not None and key in _HEAD_CACHE:
+        _HEAD_CACHE.move_to_end(key)
+        return copy.deepcopy(_HEAD_CACHE[key])
+    proto = _export_head(defense, input_shape, opset, max_batch)
+    if key is not None:
+        _HEAD_CACHE[key] = copy.deepcopy(proto)
+        while len(_HEAD_CACHE) > _HEAD_CACHE_SIZE:
+            _HEAD_CACHE.popitem(last=False)
+    return proto
+
+
+def _export_head(defense: Defense, input_shape: tuple[int, ...], opset: int, max_batch: int):
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, defense.num_classes, generator=g)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,25 @@ def _sidecar_bytes(defense, bundle: Bundle) -> bytes:
     return buf.getvalue()
 
 
+_BACKBONES: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_BACKBONES_KEPT = 2
+
+
+def _backbone_proto(bundle: Bundle, model: torch.nn.Module, cfg: ExportConfig):
+    """The bundle's FP32 graph.  torch.onnx takes about 1.5 s for a small CNN and the same bundle is often exported
+    once per defense in a row (the pipeline's defenses stage, the grid), so the last two graphs are kept, keyed by
+    the bundle's content hash and the export settings; every caller gets its own copy."""
+    import copy
+
+    key = (bundle.sha256, repr(cfg))
+    if key not in _BACKBONES:
+        _BACKBONES[key] = to_onnx_proto(Deployed(model), bundle.spec.input_shape, cfg)
+        while len(_BACKBONES) > _BACKBONES_KEPT:
+            _BACKBONES.popitem(last=False)
+    _BACKBONES.move_to_end(key)
+    return copy.deepcopy(_BACKBONES[key])
+
+
 def export_onnx(
     source: Bundle | str | Path,
     out: str | Path,
@@ -256,7 +276,7 @@ def export_onnx(
         opset = next(o.version for o in stored.opset_import if o.domain in ("", "ai.onnx"))
     else:
         model = bundle.load_model().eval()
-        backbone = expose_logits(to_onnx_proto(Deployed(model), spec.input_shape, cfg))
+        backbone = expose_logits(_backbone_proto(bundle, model, cfg))
         precision, opset = "fp32", cfg.opset
     head_module = defense if defense.fusable else NoDefense(None, spec.num_classes)
     head = head_proto(head_module, spec.input_shape, opset, cfg.max_batch)

@@ -201,3 +201,27 @@ def test_a_broken_head_fails_the_self_check_and_writes_nothing(tiny_bundle, tmp_
     with pytest.raises(CheckFailed, match="heuristic head"):
         export_onnx(bundle, tmp_path / "x.onnx", defense=module)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_head_cache_reuses_only_an_identical_head(monkeypatch):
+    """The FP32 and INT8 exports share a head export; any change in config or state is a miss."""
+    from edgeguard.defenses.base import DefenseContext
+    from edgeguard.export import heads
+
+    monkeypatch.setattr(heads, "_HEAD_CACHE", type(heads._HEAD_CACHE)())
+    calls = []
+    real = heads._export_head
+    monkeypatch.setattr(heads, "_export_head", lambda *a: calls.append(a[0].name) or real(*a))
+    ctx = DefenseContext(num_classes=10)
+    a = heads.head_proto(make_defense("heuristic", {"beta": 0.5}, ctx), (1, 32, 32), 20)
+    b = heads.head_proto(make_defense("heuristic", {"beta": 0.5}, ctx), (1, 32, 32), 20)
+    assert calls == ["heuristic"] and a.SerializeToString() == b.SerializeToString() and a is not b
+    heads.head_proto(make_defense("heuristic", {"beta": 0.9}, ctx), (1, 32, 32), 20)  # another config
+    heads.head_proto(make_defense("heuristic", {"beta": 0.5}, ctx), (1, 32, 32), 18)  # another opset
+    assert calls == ["heuristic"] * 3
+    g1, g2 = make_defense("gaussian", {"deterministic": True}, ctx), make_defense("gaussian", {"deterministic": True}, ctx)
+    with torch.no_grad():
+        g2.mix.add_(1)  # the same config, other state (its keyed mixing buffer): another head
+    heads.head_proto(g1, (1, 32, 32), 20)
+    heads.head_proto(g2, (1, 32, 32), 20)
+    assert calls[-2:] == ["gaussian", "gaussian"]

@@ -93,3 +93,18 @@ def test_a_broken_model_fails_the_self_check_and_writes_nothing(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(CheckFailed, match="non-finite"):
         open_runner(b.path).predict(np.zeros((1, 1, 32, 32), np.float32))
+
+
+def test_backbone_graph_is_reused_for_the_same_bundle_and_settings(tiny_bundle, tmp_path, monkeypatch):
+    """Exports of one bundle in a row (one per defense) trace the network once; the files are identical."""
+    from edgeguard.export import onnx as export_mod
+
+    monkeypatch.setattr(export_mod, "_BACKBONES", type(export_mod._BACKBONES)())
+    calls = []
+    real = export_mod.to_onnx_proto
+    monkeypatch.setattr(export_mod, "to_onnx_proto", lambda *a, **k: calls.append(1) or real(*a, **k))
+    export_onnx(tiny_bundle, tmp_path / "a.onnx", ExportConfig(check_samples=4))
+    export_onnx(tiny_bundle, tmp_path / "b.onnx", ExportConfig(check_samples=4))
+    assert len(calls) == 1 and (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    export_onnx(tiny_bundle, tmp_path / "c.onnx", ExportConfig(check_samples=4, opset=18))  # other settings: traced
+    assert len(calls) == 2

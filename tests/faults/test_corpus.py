@@ -26,23 +26,6 @@ from edgeguard.cli import main
 MARKER = "PWNED-by-pickle"
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int] | str]:
-    """Every entry under ``root`` (hidden ones too): files by size and mtime, folders and links by kind."""
-    out: dict[str, tuple[int, int] | str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link"
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                st = p.stat()
-                out[rel] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
 def _onnx_model(path: Path, in_shape, outputs, nodes, inits=()) -> None:
     import onnx
     from onnx import TensorProto, helper
@@ -300,7 +283,7 @@ def _argv(template: str, ws: dict[str, str], out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("argv, code, pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_fault(ws, grid_ok, capsys, tmp_path, argv, code, pattern):
+def test_fault(ws, grid_ok, capsys, snapshot, argv, code, pattern):
     root = Path(ws["root"])
     out = root / "fresh output ü"
     before = snapshot(root)
