@@ -36,6 +36,16 @@ FORMAT_VERSION = 1
 _REQUIRED = ("format", "arch", "num_classes", "classes", "input_shape", "normalization", "stages", "files")
 
 
+def torch_bytes(obj) -> bytes:
+    """``torch.save`` into memory: the archive's inner folder is then always ``archive/``, whereas saving to a path
+    names it after the (temp) file, which made the same weights hash differently on every save."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -254,7 +264,7 @@ def save_bundle(
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     check_target(out)
     with atomic_dir(out, may_replace=may_replace) as tmp:
-        atomic_write(tmp / WEIGHTS, lambda t: torch.save(sd, t))
+        atomic_write(tmp / WEIGHTS, lambda t: t.write_bytes(torch_bytes(sd)))
         for name, writer in (extra_files or {}).items():
             atomic_write(tmp / name, writer)
         if keep_vault and parent is not None and (parent.path / VAULT).is_dir():
@@ -337,7 +347,7 @@ class Vault:
 
     def put_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        self._put(name, f"{name}.pt", "tensors", lambda t: torch.save(data, t))
+        self._put(name, f"{name}.pt", "tensors", lambda t: t.write_bytes(torch_bytes(data)))
 
     def get_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return _load_state_dict(self._file(name, "tensors"))
