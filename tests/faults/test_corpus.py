@@ -10,6 +10,7 @@ output intact).  Interruption, concurrency, secrets and determinism are in ``tes
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -265,6 +266,12 @@ CASES = [
     ("json-unwritable", "info {b_onnx} --json /proc/edgeguard.json", 2, r"/proc/edgeguard\.json"),
     ("golden-out-under-a-file", "golden {b_onnx} --out {file_txt}/g.npz --n 4", 2, r"file\.txt"),
     ("fragile-out-a-file", "protect fragile {b_onnx} --out {file_txt}", 2, r"file\.txt"),
+    # --- serve: refused before any server starts --------------------------------------------------------------
+    ("serve-empty-onnx", "serve {empty_onnx}", 2, r"empty\.onnx is not a valid ONNX model"),
+    ("serve-two-outputs", "serve {twoout_onnx}", 2, r"twoout\.onnx has 2 outputs"),
+    ("serve-malicious-pickle", "serve {evil}", 2, r"not a plain PyTorch state dict"),
+    ("serve-bad-name", "serve {b_onnx} --name bad/name", 2, r"--name 'bad/name'"),
+    ("serve-bad-port", "serve {b_onnx} --http-port 0", 2, r"ports must lie in 1\.\.65535"),
 ]
 
 
@@ -284,6 +291,8 @@ def _argv(template: str, ws: dict[str, str], out: Path) -> list[str]:
 
 @pytest.mark.parametrize("argv, code, pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_fault(ws, grid_ok, capsys, snapshot, argv, code, pattern):
+    if argv.startswith("serve") and importlib.util.find_spec("pytriton") is None:
+        pytest.skip("serve needs the [serve] extra")
     root = Path(ws["root"])
     out = root / "fresh output ü"
     before = snapshot(root)
@@ -309,7 +318,7 @@ def test_the_corpus_is_large_and_names_every_command():
     commands = {" ".join(t for t in shlex.split(c[1])[:2] if not t.startswith(("-", "{"))) for c in CASES}
     firsts = {c.split()[0] for c in commands}
     assert {"train", "protect", "quantize", "export", "evaluate", "verify", "attack", "bench", "golden", "golden-check",
-            "build-engine", "pipeline", "info"} <= firsts
+            "build-engine", "pipeline", "info", "serve"} <= firsts
     assert {"protect watermark", "protect magicguard", "protect fragile", "attack finetune", "attack extract",
             "evaluate grid"} <= commands
 
