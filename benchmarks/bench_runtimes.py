@@ -255,7 +255,8 @@ def table(rows: list[dict], params: dict[str, int]) -> str:
 
 
 def _cpu_seconds() -> tuple[float, float, float] | None:
-    """(busy CPU seconds of the whole machine, steal seconds, this process's CPU seconds); Linux only."""
+    """(busy CPU seconds of the whole machine, steal seconds, the CPU seconds of this process and of its children
+    that have ended, e.g. a benchmark's worker pool); Linux only."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
@@ -263,7 +264,7 @@ def _cpu_seconds() -> tuple[float, float, float] | None:
     tick = os.sysconf("SC_CLK_TCK")
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     own = os.times()
-    return (user + nice + system + irq + softirq) / tick, steal / tick, own.user + own.system
+    return (user + nice + system + irq + softirq) / tick, steal / tick, own.user + own.system + own.children_user + own.children_system
 
 
 def contention(before, after, wall: float) -> dict[str, Any]:

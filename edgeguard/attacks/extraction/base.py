@@ -13,6 +13,7 @@ surrogate (accuracy, fidelity to the victim) and writes the surrogate bundle and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ class QueryOracle:
         self.clean = clean
         self.batch_size = batch_size
         self.used = 0
+        self.seconds = 0.0  # wall time spent answering queries (the Runner, and the undefended view when kept)
         self._l1_sum = 0.0
         self._l1_n = 0
 
@@ -66,12 +68,14 @@ class QueryOracle:
         if n == 0:
             return torch.zeros(0, self.num_classes)
         arr = np.clip(arr, 0.0, 1.0).astype(np.float32) if arr.dtype != np.uint8 else arr
+        t0 = time.perf_counter()
         q = self.runner.predict(arr, batch_size=self.batch_size)
         self.used += n
         if self.clean is not None:
             p = self.clean.predict(arr, batch_size=self.batch_size)
             self._l1_sum += float(np.abs(q.astype(np.float64) - p).sum())
             self._l1_n += n
+        self.seconds += time.perf_counter() - t0
         out = torch.from_numpy(q)
         if self.hard_label:
             out = torch.nn.functional.one_hot(out.argmax(1), self.num_classes).float()

@@ -37,6 +37,9 @@ class ExtractionResult:
     details: dict[str, Any] | None = None
     server: dict[str, Any] | None = None  # a served victim: Triton's own row count for the attack, and the reference
     passed: bool = True
+    # where the seconds went: setup (data, pool, runners), queries (answering the attack), attack (the attack's own
+    # work: surrogate training, synthesis), evaluation (accuracy and fidelity on the test split)
+    timings: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,7 +144,9 @@ def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: Extr
             ctx = ExtractionContext(num_classes=info.num_classes, input_shape=tuple(info.input_shape),
                                     make_surrogate=make_surrogate, quiet=quiet)
             torch.manual_seed(cfg.seed)
+            t_attack = time.perf_counter()
             surrogate = run(oracle, pool, cfg, ctx).eval()
+            t_eval = time.perf_counter()
         finally:
             if clean is not None:
                 clean.close()
@@ -163,13 +168,16 @@ def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: Extr
                     acc, fid, defender = _accuracy_and_fidelity(surrogate, ref, test)
         else:
             acc, fid, defender = _accuracy_and_fidelity(surrogate, victim, test)
+    t_end = time.perf_counter()
+    timings = {"setup": t_attack - t0, "queries": oracle.seconds, "attack": t_eval - t_attack - oracle.seconds,
+               "evaluation": t_end - t_eval}
     result = ExtractionResult(method=method, artifact=str(artifact), defense=info.defense, budget=cfg.budget,
                               queries_used=oracle.used, surrogate_accuracy=round(acc, 6),
                               fidelity=None if fid is None else round(fid, 6),
                               defender_accuracy=None if defender is None else round(defender, 6), server=server,
                               defense_l1_mean=None if oracle.l1_mean is None else round(oracle.l1_mean, 6),
-                              eval_dataset=test.info.name, seconds=round(time.perf_counter() - t0, 2),
-                              details=dict(ctx.log) or None)
+                              eval_dataset=test.info.name, seconds=round(t_end - t0, 2),
+                              details=dict(ctx.log) or None, timings={k: round(v, 3) for k, v in timings.items()})
     if out is None:
         return result
     import json
