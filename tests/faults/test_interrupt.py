@@ -32,8 +32,12 @@ class Proc:
     def __init__(self, *args: str, cwd: Path):
         env = {k: v for k, v in os.environ.items() if k != "EDGEGUARD_QUIET"}  # progress lines tell where it is
         env["OMP_NUM_THREADS"] = "1"
+        # Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, and an ignored signal stays
+        # ignored across exec (Python then installs no KeyboardInterrupt handler), so a suite run in the background
+        # would see SIGINT do nothing; the child gets the default disposition back
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeguard", *args], cwd=cwd, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
