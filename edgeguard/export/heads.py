@@ -41,6 +41,19 @@ _MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
 _HEAD_CACHE_SIZE = 8
 
 
+def cached_proto(cache: OrderedDict, key, size: int, build):
+    """An exported ModelProto from ``cache`` (least recently used dropped beyond ``size``), built on a miss; the
+    caller always gets its own copy, so editing it never touches the cache.  ``key`` None: build, keep nothing."""
+    if key is None:
+        return build()
+    if key not in cache:
+        cache[key] = build()
+        while len(cache) > size:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return copy.deepcopy(cache[key])
+
+
 def _fingerprint(defense: Defense, *rest) -> str | None:
     """A hash of everything the head computes with: its class, config, and every tensor and scalar attribute of every
     submodule (registered or not).  None (no caching) if some attribute is of a kind the hash cannot vouch for."""
@@ -72,16 +85,8 @@ def head_proto(defense: Defense, input_shape: tuple[int, ...], opset: int, max_b
     Exporting a head through torch.export takes seconds (ModelGuard-W's unrolled solver: about 13 s), and the FP32
     and INT8 exports of one model append the same head, so the last few heads are kept, keyed by a hash of
     everything they compute with; a hit returns a copy."""
-    key = _fingerprint(defense, tuple(input_shape), opset, max_batch)
-    if key is not None and key in _HEAD_CACHE:
-        _HEAD_CACHE.move_to_end(key)
-        return copy.deepcopy(_HEAD_CACHE[key])
-    proto = _export_head(defense, input_shape, opset, max_batch)
-    if key is not None:
-        _HEAD_CACHE[key] = copy.deepcopy(proto)
-        while len(_HEAD_CACHE) > _HEAD_CACHE_SIZE:
-            _HEAD_CACHE.popitem(last=False)
-    return proto
+    return cached_proto(_HEAD_CACHE, _fingerprint(defense, tuple(input_shape), opset, max_batch), _HEAD_CACHE_SIZE,
+                        lambda: _export_head(defense, input_shape, opset, max_batch))
 
 
 def _export_head(defense: Defense, input_shape: tuple[int, ...], opset: int, max_batch: int):

@@ -10,7 +10,6 @@ PyTorch module on the graph's own logits; a mismatch raises :class:`CheckFailed`
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,13 @@ import torch
 from torch import nn
 
 from edgeguard import __version__
-from edgeguard.bundle import Bundle, load_bundle
+from edgeguard.bundle import Bundle, load_bundle, torch_bytes
 from edgeguard.config import Config, require
 from edgeguard.defenses.none import NoDefense
 from edgeguard.errors import BadInput, CheckFailed
 from edgeguard.export.heads import (
     LOGITS,
+    cached_proto,
     check_head,
     expose_logits,
     graft_head,
@@ -214,9 +214,7 @@ def _sidecar_bytes(defense, bundle: Bundle) -> bytes:
                   "mean": list(spec.mean), "std": list(spec.std), "options": dict(spec.options)},
         "state": {k: v.detach().cpu().clone() for k, v in defense.state_dict().items()},
     }
-    buf = io.BytesIO()
-    torch.save(record, buf)
-    return buf.getvalue()
+    return torch_bytes(record)
 
 
 _BACKBONES: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -227,15 +225,8 @@ def _backbone_proto(bundle: Bundle, model: torch.nn.Module, cfg: ExportConfig):
     """The bundle's FP32 graph.  torch.onnx takes about 1.5 s for a small CNN and the same bundle is often exported
     once per defense in a row (the pipeline's defenses stage, the grid), so the last two graphs are kept, keyed by
     the bundle's content hash and the export settings; every caller gets its own copy."""
-    import copy
-
-    key = (bundle.sha256, repr(cfg))
-    if key not in _BACKBONES:
-        _BACKBONES[key] = to_onnx_proto(Deployed(model), bundle.spec.input_shape, cfg)
-        while len(_BACKBONES) > _BACKBONES_KEPT:
-            _BACKBONES.popitem(last=False)
-    _BACKBONES.move_to_end(key)
-    return copy.deepcopy(_BACKBONES[key])
+    return cached_proto(_BACKBONES, (bundle.sha256, repr(cfg)), _BACKBONES_KEPT,
+                        lambda: to_onnx_proto(Deployed(model), bundle.spec.input_shape, cfg))
 
 
 def export_onnx(

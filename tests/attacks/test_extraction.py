@@ -55,11 +55,10 @@ def test_knockoff_fidelity_well_above_chance_and_budget_counted_at_the_runner(ti
     assert res.defense == "none" and res.defense_l1_mean == 0.0
     assert res.fidelity > 0.3 and res.surrogate_accuracy > 0.3  # chance is 0.1 (10 digit classes); measured 0.47
     assert res.defender_accuracy > 0.9
-    # where the time went: four phases that add up to the total (each rounded to 1 ms, the total to 10 ms)
+    # where the time went: answering lies inside the attack's interval (attack >= 0), training outweighs it
     t = res.timings
     assert set(t) == {"setup", "queries", "attack", "evaluation"} and min(t.values()) >= 0
-    assert abs(sum(t.values()) - res.seconds) < 0.02
-    assert t["attack"] > t["queries"] > 0  # 10 epochs of surrogate training outweigh answering 2,000 queries
+    assert t["attack"] > t["queries"] > 0  # 10 epochs vs 2,000 queries
 
 
 def test_cli_extract_writes_the_surrogate_bundle_and_json(tiny_bundle, tmp_path, capsys):
