@@ -92,13 +92,19 @@ def test_the_search_would_find_a_leak(shipped, tmp_path):
     assert any(b in leaky for b in blobs["trigger images (float32)"])
 
 
-def test_same_seed_same_bundle_and_onnx(tmp_path):
+def test_same_seed_same_bundle_and_onnx(tmp_path, monkeypatch):
+    from collections import OrderedDict
+
     from edgeguard.api import export_bundle, train_bundle
     from edgeguard.config import DataConfig, ModelConfig
+    from edgeguard.export import onnx as export_mod
     from edgeguard.training import TrainConfig
 
     shas, onnxes = [], []
     for i in range(2):
+        # each export traces the network itself: two runs in the same second have the same manifest, and the
+        # exported-graph cache (keyed by it) would hand the second run the first one's graph
+        monkeypatch.setattr(export_mod, "_BACKBONES", OrderedDict())
         out = tmp_path / f"run{i}"
         train_bundle(DataConfig("digits"), ModelConfig("smallcnn"), TrainConfig(epochs=1, max_steps=8, seed=3), out)
         shas.append(json.loads((out / "manifest.json").read_text())["files"]["model.pt"]["sha256"])
