@@ -27,6 +27,8 @@ from edgeguard.errors import BadInput
 from edgeguard.fileio import atomic_dir, atomic_write, atomic_write_json, sha256_file
 from edgeguard.models import create_model
 from edgeguard.models.guard import MagicGuardConfig, attach
+from edgeguard.models.imported import PROGRAM_FILE as PROGRAM
+from edgeguard.models.imported import build_imported
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.pt"
@@ -84,16 +86,33 @@ class ModelSpec:
     std: tuple[float, ...]
     options: Mapping[str, Any]
     guard: Mapping[str, Any] | None = None  # MagicGuard config params (manifest "magicguard"), re-inserted on build
+    source: Mapping[str, Any] | None = None  # an imported model's record (manifest "import"); None: the registry
+    program_path: str | None = dataclasses.field(default=None, compare=False)  # where its program.pt2 lies now
+
+    @property
+    def imported(self) -> bool:
+        return self.source is not None
+
+    def program_bytes(self) -> bytes | None:
+        if self.source is None or self.source.get("kind") != "program":
+            return None
+        if not self.program_path or not Path(self.program_path).is_file():
+            raise BadInput(f"this imported model's {PROGRAM} is missing")
+        return Path(self.program_path).read_bytes()
 
     def build(self) -> torch.nn.Module:
-        model = create_model(
-            self.arch,
-            num_classes=self.num_classes,
-            in_channels=self.input_shape[0],
-            mean=self.mean,
-            std=self.std,
-            **dict(self.options),
-        )
+        if self.source is not None:
+            model = build_imported(self.source, num_classes=self.num_classes, input_shape=self.input_shape,
+                                   mean=self.mean, std=self.std, program=self.program_bytes())
+        else:
+            model = create_model(
+                self.arch,
+                num_classes=self.num_classes,
+                in_channels=self.input_shape[0],
+                mean=self.mean,
+                std=self.std,
+                **dict(self.options),
+            )
         if self.guard:
             attach(model, MagicGuardConfig.from_mapping(self.guard, what="manifest magicguard"), self.input_shape)
         return model
@@ -119,6 +138,8 @@ class Bundle:
             std=tuple(m["normalization"]["std"]),
             options=dict(m.get("model_options", {})),
             guard=dict(m["magicguard"]) if m.get("magicguard") else None,
+            source=dict(m["import"]) if m.get("import") else None,
+            program_path=str(self.path / PROGRAM) if (m.get("import") or {}).get("kind") == "program" else None,
         )
 
     @property
@@ -201,6 +222,12 @@ def _validate_manifest(p: Path, m: dict[str, Any]) -> None:
         raise bad("stages must be a list of records with a 'stage' name")
     if m.get("magicguard") is not None and not isinstance(m["magicguard"], dict):
         raise bad("magicguard must be a mapping of the guard's settings")
+    imp = m.get("import")
+    if imp is not None and not (isinstance(imp, dict) and imp.get("kind") in ("factory", "program")
+                                and isinstance(imp.get("head"), str) and isinstance(imp.get("sha256"), str)):
+        raise bad("import must record its kind (factory or program), head and sha256")
+    if isinstance(imp, dict) and imp.get("kind") == "program" and PROGRAM not in m["files"]:
+        raise bad(f"an imported program bundle must list its {PROGRAM}")
     files = m["files"]
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise bad(f"files must list {WEIGHTS}")
@@ -263,6 +290,10 @@ def save_bundle(
     out = Path(out)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     check_target(out)
+    program = spec.program_bytes()  # an imported program travels with every derived bundle
+    extra_files = dict(extra_files or {})
+    if program is not None:
+        extra_files[PROGRAM] = lambda t: Path(t).write_bytes(program)
     with atomic_dir(out, may_replace=may_replace) as tmp:
         atomic_write(tmp / WEIGHTS, lambda t: t.write_bytes(torch_bytes(sd)))
         for name, writer in (extra_files or {}).items():
@@ -290,6 +321,8 @@ def save_bundle(
         }
         if spec.guard:
             manifest["magicguard"] = dict(spec.guard)
+        if spec.source is not None:
+            manifest["import"] = dict(spec.source)
         if extra:
             manifest.update(extra)
         atomic_write_json(tmp / MANIFEST, manifest)
@@ -354,8 +387,8 @@ class Vault:
 
 
 def bundle_data_config(bundle: Bundle) -> DataConfig:
-    """The dataset a bundle was trained on (its first ``train`` stage), else the default."""
+    """The dataset a bundle was trained on (its first ``train`` or ``import`` stage), else the default."""
     for st in bundle.stages:
-        if st.get("stage") == "train" and "data" in st:
+        if st.get("stage") in ("train", "import") and st.get("data"):
             return config_from_dict(st["data"])  # type: ignore[return-value]
     return DataConfig()

@@ -101,7 +101,7 @@ def finetune_attack(source: str | Path, out: str | Path, cfg: FinetuneConfig | N
     result = fit(
         model, data,
         TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, schedule="none", seed=cfg.seed),
-        params=(lambda name, p: name.startswith("net.classifier")) if last_layer_only else None,
+        params=model.is_head_parameter if last_layer_only else None,
         hooks=[FreezeBN()] if cfg.freeze_bn else [],
         desc=f"attack {cfg.mode}",
         stop_on_divergence=True,  # a self-destructing (MagicGuard) model may blow up: that wreck is the result

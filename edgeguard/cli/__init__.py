@@ -19,6 +19,7 @@ import click
 from edgeguard.cli.attack import attack_group
 from edgeguard.cli.bench import bench_cmd, build_engine_cmd, golden_check_cmd, golden_cmd
 from edgeguard.cli.evaluate import evaluate_cmd
+from edgeguard.cli.importing import import_cmd
 from edgeguard.cli.pipeline import pipeline_cmd
 from edgeguard.cli.protect import protect_group
 from edgeguard.cli.quantize import quantize_cmd
@@ -43,7 +44,7 @@ def cli(quiet: bool) -> None:
         os.environ["EDGEGUARD_QUIET"] = "1"
 
 
-for _command in (train_cmd, evaluate_cmd, export_cmd, info_cmd, bench_cmd, build_engine_cmd, golden_cmd, golden_check_cmd,
+for _command in (train_cmd, import_cmd, evaluate_cmd, export_cmd, info_cmd, bench_cmd, build_engine_cmd, golden_cmd, golden_check_cmd,
                  pipeline_cmd, protect_group, quantize_cmd, serve_cmd, verify_cmd, attack_group):
     cli.add_command(_command)
 

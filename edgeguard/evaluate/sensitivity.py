@@ -156,7 +156,7 @@ def run_sensitivity(source: str | Path, cfg: SensitivityConfig | None = None, *,
             probe = _AccTriPerEpoch(keys)
             fit(copy, train, TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, schedule="none", seed=seed),
-                params=(lambda name, p: name.startswith("net.classifier")) if regime == "last" else None,
+                params=copy.is_head_parameter if regime == "last" else None,
                 hooks=[FreezeBN(), probe] if regime == "last" else [probe], desc=f"fine-tune {regime} seed {seed}",
                 quiet=True, stop_on_divergence=True)
             trials.append({"regime": regime, "seed": seed, "curves": probe.curves})

@@ -2,9 +2,10 @@
 
 Every registered entry point returns a :class:`Backbone`: ``forward_features(x) -> (N, F)`` and a final
 ``nn.Linear`` named ``classifier``.  ``create_model`` wraps it in :class:`EdgeModel`, whose first layer
-is :class:`Normalize`, so every artifact takes raw images in [0, 1].  Code that swaps or freezes the
-head (fine-tuning attacks, surrogates) uses ``model.classifier`` / ``reset_classifier`` and never
-branches on the architecture.
+is :class:`Normalize`, so every artifact takes raw images in [0, 1].  Imported models
+(:mod:`edgeguard.models.imported`) get the same wrapper with a discovered head path.  Code that swaps or
+freezes the head (fine-tuning attacks, surrogates) uses ``model.classifier`` / ``reset_classifier`` /
+``is_head_parameter`` and never branches on the architecture.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
 
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
 
 class EdgeModel(nn.Module):
     """Normalize, then the backbone: ``forward(x in [0,1]) -> logits``.
@@ -53,11 +57,12 @@ class EdgeModel(nn.Module):
     fine-tuning attacks, quantization, export -- sees the guarded function.
     """
 
-    def __init__(self, net: Backbone, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], *, head_path: str = "net.classifier"):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
         self.guard: nn.Module | None = None
+        self.head_path = head_path  # dotted path of the final linear layer (discovered for imported models)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net(self.normalize(x))
@@ -67,25 +72,32 @@ class EdgeModel(nn.Module):
         return self.net.forward_features(self.normalize(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        z = self.net.classifier(features)
+        z = self.net.forward_head(features)
         return z if self.guard is None else self.guard(z)
 
     @property
     def classifier(self) -> nn.Linear:
-        return self.net.classifier
+        return self.get_submodule(self.head_path)
+
+    def is_head_parameter(self, name: str, _p: object = None) -> bool:
+        """``name`` (from ``named_parameters()``) belongs to the final layer: the parameter filter of FTLL/RTLL."""
+        return name.startswith(self.head_path + ".")
 
     def reset_classifier(self, num_classes: int | None = None, *, generator: torch.Generator | None = None) -> None:
         """Re-initialise the final layer (RTLL/RTAL), optionally with a new class count."""
-        old = self.net.classifier
-        n = num_classes or old.out_features
-        new = nn.Linear(old.in_features, n, bias=old.bias is not None)
+        old = self.classifier
+        fan_in, fan_out = int(old.weight.shape[1]), int(old.weight.shape[0])
+        n = num_classes or fan_out
+        bias = getattr(old, "bias", None)
+        new = nn.Linear(fan_in, n, bias=bias is not None)
         if generator is not None:
             with torch.no_grad():
-                bound = 1.0 / old.in_features**0.5
+                bound = 1.0 / fan_in**0.5
                 new.weight.uniform_(-bound, bound, generator=generator)
                 if new.bias is not None:
                     new.bias.uniform_(-bound, bound, generator=generator)
-        self.net.classifier = new
+        parent, _, leaf = self.head_path.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, leaf, new)
 
 
 def create_model(

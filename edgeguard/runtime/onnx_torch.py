@@ -4,7 +4,9 @@ Fragile triggers are generated against "the closest differentiable model" of the
 9.3 step 1): for an INT8 QDQ graph that is the FP32 model with the *exact* activation and weight scales of the
 artifact, inserted as fake-quant nodes.  Reading them from the shipped graph itself (instead of re-running
 calibration) guarantees the scales are the artifact's own.  The interpreter covers the operators edgeguard's exports
-use (smallcnn, ResNet, MobileNetV2, MagicGuard, FP32 and QDQ INT8); any other operator is refused with its name.
+use (smallcnn, ResNet, MobileNetV2, MagicGuard, FP32 and QDQ INT8) and the common operators of imported and
+third-party classifiers (normalisation layers, attention's shape arithmetic, GELU); any other operator is refused
+with its name.
 
 Nodes of a MagicGuard ripple (found structurally) pass no gradient: the owner's generator sees the model as if the
 guard were absent (owner mode), while the forward values stay the artifact's.
@@ -207,7 +209,167 @@ def _flatten(m, node, a, at):
     return a[0].reshape(int(np.prod(a[0].shape[:ax])) if ax else 1, -1)
 
 
+def _axes(a, at, i: int = 1) -> list[int] | None:
+    """An op's axes: the ``axes`` attribute (older opsets) or its i-th input (opset >= 13/18)."""
+    if "axes" in at:
+        return [int(v) for v in at["axes"]]
+    if len(a) > i and a[i] is not None:
+        return [int(v) for v in a[i].reshape(-1).tolist()]
+    return None
+
+
+def _reduce(fn):
+    def op(m, node, a, at):
+        axes = _axes(a, at)
+        keep = bool(at.get("keepdims", 1))
+        if not axes:
+            if at.get("noop_with_empty_axes", 0):
+                return a[0]
+            axes = list(range(a[0].dim()))
+        return fn(a[0], tuple(axes), keep)
+
+    return op
+
+
+def _gather(m, node, a, at):
+    x, idx = a[0], a[1].long()
+    axis = at.get("axis", 0) % x.dim()
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    out = x.index_select(axis, idx.reshape(-1))
+    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+
+
+def _slice(m, node, a, at):
+    x = a[0]
+    starts, ends = a[1].tolist(), a[2].tolist()
+    axes = a[3].tolist() if len(a) > 3 and a[3] is not None else list(range(len(starts)))
+    steps = a[4].tolist() if len(a) > 4 and a[4] is not None else [1] * len(starts)
+    index: list[Any] = [slice(None)] * x.dim()
+    for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+        if sp <= 0:
+            raise BadInput("Slice with a non-positive step is not supported by the differentiable copy")
+        n = x.shape[ax]
+        st = max(0, min(n, st + n if st < 0 else st))
+        en = max(0, min(n, en + n if en < 0 else en))
+        index[ax] = slice(st, en, sp)
+    return x[tuple(index)]
+
+
+def _unsqueeze(m, node, a, at):
+    x = a[0]
+    axes = sorted(ax % (x.dim() + len(_axes(a, at))) for ax in _axes(a, at))
+    for ax in axes:
+        x = x.unsqueeze(ax)
+    return x
+
+
+def _squeeze(m, node, a, at):
+    axes = _axes(a, at)
+    x = a[0]
+    if axes is None:
+        return x.squeeze()
+    for ax in sorted((ax % x.dim() for ax in axes), reverse=True):
+        x = x.squeeze(ax)
+    return x
+
+
+def _layer_norm(m, node, a, at):
+    x = a[0]
+    axis = at.get("axis", -1) % x.dim()
+    shape = tuple(x.shape[axis:])
+    w = a[1].expand(shape) if a[1] is not None else None
+    b = a[2].expand(shape) if len(a) > 2 and a[2] is not None else None
+    return F.layer_norm(x, shape, w, b, eps=at.get("epsilon", 1e-5))
+
+
+def _split(m, node, a, at):
+    x, axis = a[0], at.get("axis", 0)
+    sizes = a[1].tolist() if len(a) > 1 and a[1] is not None else at.get("split")
+    if sizes is None:
+        k = at.get("num_outputs", len(node.output))
+        n = x.shape[axis]
+        sizes = [-(-n // k)] * (k - 1)
+        sizes.append(n - sum(sizes))
+    return tuple(torch.split(x, [int(v) for v in sizes], dim=axis))
+
+
+_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64, 9: torch.bool,
+           10: torch.float32, 11: torch.float32, 16: torch.float32}  # half / double / bf16 stay FP32 here
+
+
+def _cast(m, node, a, at):
+    to = at.get("to", 1)
+    if to not in _DTYPES:
+        raise BadInput(f"Cast to ONNX type {to} is not supported by the differentiable copy")
+    return a[0].to(_DTYPES[to])
+
+
+def _constant_of_shape(m, node, a, at):
+    from onnx import numpy_helper
+
+    value = torch.from_numpy(np.array(numpy_helper.to_array(at["value"]))).reshape(-1)[0] if "value" in at else \
+        torch.tensor(0.0)
+    return torch.full([int(v) for v in a[0].tolist()], value.item(), dtype=value.dtype)
+
+
+def _batch_norm(m, node, a, at):
+    x, w, b, mean, var = a[:5]
+    return F.batch_norm(x, mean, var, w, b, training=False, eps=at.get("epsilon", 1e-5))
+
+
+def _pad(m, node, a, at):
+    pads = a[1].tolist() if len(a) > 1 and a[1] is not None else at.get("pads")
+    mode = at.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    n = len(pads) // 2
+    torch_pad: list[int] = []
+    for b_, e in zip(reversed(pads[:n]), reversed(pads[n:]), strict=True):
+        torch_pad += [int(b_), int(e)]
+    value = float(a[2]) if len(a) > 2 and a[2] is not None else 0.0
+    return F.pad(a[0], torch_pad, mode=mode, value=value) if mode == "constant" else F.pad(a[0], torch_pad, mode=mode)
+
+
 _OPS: dict[str, Callable[..., Any]] = {
+    "BatchNormalization": _batch_norm,
+    "Concat": lambda m, n, a, at: torch.cat([t for t in a if t is not None], dim=at.get("axis", 0)),
+    "Gather": _gather,
+    "Slice": _slice,
+    "Shape": lambda m, n, a, at: torch.tensor(a[0].shape[at.get("start", 0):at.get("end", None)], dtype=torch.int64),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Transpose": lambda m, n, a, at: a[0].permute(*(at.get("perm") or reversed(range(a[0].dim())))),
+    "Expand": lambda m, n, a, at: a[0].expand(torch.broadcast_shapes(a[0].shape, tuple(int(v) for v in a[1].tolist()))),
+    "Split": _split,
+    "Cast": _cast,
+    "ConstantOfShape": _constant_of_shape,
+    "Range": lambda m, n, a, at: torch.arange(a[0].item(), a[1].item(), a[2].item(), dtype=a[0].dtype),
+    "Pad": _pad,
+    "Where": lambda m, n, a, at: torch.where(a[0].bool(), a[1], a[2]),
+    "Equal": lambda m, n, a, at: a[0] == a[1],
+    "Less": lambda m, n, a, at: a[0] < a[1],
+    "Greater": lambda m, n, a, at: a[0] > a[1],
+    "Not": lambda m, n, a, at: ~a[0].bool(),
+    "LayerNormalization": _layer_norm,
+    "InstanceNormalization": lambda m, n, a, at: F.instance_norm(a[0], weight=a[1], bias=a[2],
+                                                                 eps=at.get("epsilon", 1e-5)),
+    "Gelu": lambda m, n, a, at: F.gelu(a[0], approximate=(at.get("approximate", b"none") or b"none").decode()
+                                       if isinstance(at.get("approximate", b"none"), bytes) else at["approximate"]),
+    "Erf": lambda m, n, a, at: torch.erf(a[0]),
+    "Exp": lambda m, n, a, at: torch.exp(a[0]),
+    "Log": lambda m, n, a, at: torch.log(a[0]),
+    "Sqrt": lambda m, n, a, at: torch.sqrt(a[0]),
+    "Pow": lambda m, n, a, at: torch.pow(a[0], a[1]),
+    "Neg": lambda m, n, a, at: -a[0],
+    "Abs": lambda m, n, a, at: a[0].abs(),
+    "Reciprocal": lambda m, n, a, at: 1.0 / a[0],
+    "Max": lambda m, n, a, at: torch.stack(torch.broadcast_tensors(*a)).amax(0),
+    "Min": lambda m, n, a, at: torch.stack(torch.broadcast_tensors(*a)).amin(0),
+    "ReduceSum": _reduce(lambda x, ax, k: x.sum(dim=ax, keepdim=k)),
+    "ReduceMax": _reduce(lambda x, ax, k: x.amax(dim=ax, keepdim=k)),
+    "ReduceMin": _reduce(lambda x, ax, k: x.amin(dim=ax, keepdim=k)),
+    "Einsum": lambda m, n, a, at: torch.einsum(at["equation"].decode() if isinstance(at["equation"], bytes)
+                                               else at["equation"], *a),
+    "LogSoftmax": lambda m, n, a, at: torch.log_softmax(a[0], dim=at.get("axis", -1)),
     "QuantizeLinear": _quantize,
     "DequantizeLinear": _dequantize,
     "Conv": _conv,
