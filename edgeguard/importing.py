@@ -157,6 +157,10 @@ def import_model(
             if input_shape is not None and graph_shape is not None and tuple(input_shape) != graph_shape:
                 raise BadInput(f"--input-shape {tuple(input_shape)} disagrees with the program's input {graph_shape}")
             input_shape = input_shape or graph_shape
+        elif str(source).endswith((".pt", ".pth", ".bin", ".pkl")):
+            raise BadInput(f"{source} is a saved PyTorch file, not a model source: a pickled whole model is refused "
+                           "(unpickling it would run code from the file); pass its factory with --weights "
+                           "STATE_DICT, or a torch.export .pt2")
         else:
             rec = factory_record(str(source), factory_args)
             label = rec["target"]

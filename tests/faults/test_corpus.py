@@ -57,6 +57,44 @@ def _rehash(bundle: Path) -> None:
     (bundle / "manifest.json").write_text(json.dumps(m))
 
 
+_USER_MODELS = """
+import torch
+from torch import nn
+
+
+class Good(nn.Module):
+    def __init__(self, k=10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, k)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+class BadShape(Good):
+    def forward(self, x):
+        return super().forward(x).unsqueeze(-1)
+
+
+def good(k=10):
+    return Good(k)
+
+
+def other():
+    return nn.Sequential(nn.Flatten(), nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def badshape():
+    return BadShape()
+
+
+def raises():
+    raise RuntimeError("no GPU named cuda:7")
+"""
+
+
 class _Evil:
     """A pickle whose loading would run a shell command that creates the marker file."""
 
@@ -162,6 +200,29 @@ def ws(tiny_bundle, tiny_onnx, tmp_path_factory):
                        "pipe_lr.yaml": {"train": {"lr": -0.1}}}.items():
         at(name).write_text(yaml.safe_dump(body))
     at("broken.yaml").write_text("train: {epochs: 1\n  lr: [")
+    # imports (bring your own model)
+    at("user_models.py").write_text(_USER_MODELS)
+    at("changing.py").write_text(_USER_MODELS)
+    from edgeguard.importing import import_model
+
+    import_model(f"{p['changing_py']}:good", out=at("changed"), input_shape=(1, 32, 32), classes=10)
+    with open(p["changing_py"], "a") as f:
+        f.write("\n# edited after the import\n")
+    spec = importlib.util.spec_from_file_location("faults_user_models", p["user_models_py"])
+    um = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(um)
+    torch.save(um.other().state_dict(), at("other_arch.pt"))
+    import sys
+
+    sys.modules["faults_user_models"] = um  # pickling a whole model needs its class importable, as in user code
+    try:
+        torch.save(um.good(), at("whole_model.pt"))  # a pickled nn.Module, as torch.save(model) writes it
+    finally:
+        del sys.modules["faults_user_models"]
+    h = torch.export.Dim("h", min=8, max=64)
+    ep = torch.export.export(um.good().eval(), (torch.rand(2, 1, 32, 32),),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1), 2: h, 3: h},))
+    torch.export.save(ep, at("dynamic.pt2"))
     # outputs that must survive
     at("notes").mkdir()
     (p["notes"] / "keep.txt").write_text("mine")
@@ -175,6 +236,26 @@ def ws(tiny_bundle, tiny_onnx, tmp_path_factory):
 
 # (id, argv, exit code, pattern the one stderr line must match).  {name} is a workspace path; OUT is a fresh path.
 CASES = [
+    ("import-other-architecture", "import {user_models_py}:good --weights {other_arch_pt} --input-shape 1,32,32 "
+     "--classes 10 --out OUT", 2, r"other_arch\.pt does not fit the model: 4 missing \('conv\.weight', 'conv\.bias', "
+     r"'fc\.weight', \.\.\.\); 4 unexpected \('1\.weight', '1\.bias', '3\.weight', \.\.\.\)"),
+    ("import-factory-raises", "import {user_models_py}:raises --input-shape 1,32,32 --classes 10 --out OUT", 2,
+     r"factory .*user_models\.py:raises raised RuntimeError: no GPU named cuda:7"),
+    ("import-output-not-n-classes", "import {user_models_py}:badshape --input-shape 1,32,32 --classes 10 --out OUT", 2,
+     r"outputs shape \(4, 10, 1\) for 4 images, not \(N, classes\)"),
+    ("import-wrong-classes", "import {user_models_py}:good --input-shape 1,32,32 --classes 7 --out OUT", 2,
+     r"cannot find the final linear layer|has 10 outputs but the model has 7 classes|10 scores per image but 7"),
+    ("import-wrong-classes-dataset", "import {user_models_py}:good --factory-arg k=7 --dataset digits --out OUT", 2,
+     r"given 7 classes|final linear layer .*10 outputs|7 outputs"),
+    ("import-pickled-whole-model", "import {user_models_py}:good --weights {whole_model_pt} --input-shape 1,32,32 "
+     "--classes 10 --out OUT", 2, r"whole_model\.pt is a pickled Python object \(a whole model\), not a state dict"),
+    ("import-pickled-as-pt2", "import {whole_model_pt} --input-shape 1,32,32 --classes 10 --out OUT", 2,
+     r"whole_model\.pt is a saved PyTorch file, not a model source: a pickled whole model is refused"),
+    ("import-factory-changed", "export {changed} --out OUT.onnx", 2,
+     r"factory file .*changing\.py changed since the model was imported"),
+    ("import-dynamic-spatial", "import {dynamic_pt2} --classes 10 --out OUT", 2,
+     r"dynamic\.pt2 has dynamic spatial dimensions: give --input-shape C,H,W"),
+    ("import-bad-source", "import nonsense --classes 10 --out OUT", 2, r"'nonsense' is not a model source"),
     # --- files: empty, truncated, random bytes, a folder, links, other models ---------------------------------
     ("info-empty-onnx", "info {empty_onnx}", 2, r"empty\.onnx is not a valid ONNX model"),
     ("info-truncated-onnx", "info {trunc_onnx}", 2, r"trunc\.onnx is not a valid ONNX model"),
