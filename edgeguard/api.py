@@ -35,6 +35,7 @@ from edgeguard.evaluate import AccuracyResult, BenchConfig, BenchResult, bench_r
 from edgeguard.evaluate.defense import DefenseMeasurement, measure_defense
 from edgeguard.export import ExportConfig, ExportResult, export_onnx
 from edgeguard.export.triton_repo import TritonRepoConfig, TritonRepoResult, write_triton_repo
+from edgeguard.importing import ImportResult, import_model  # noqa: F401  (bring your own model: edgeguard.api.import_model)
 from edgeguard.models import count_parameters, create_model
 from edgeguard.protect.fragile import FragileStore, verify_store
 from edgeguard.protect.watermark import VAULT_RECORD, verify_watermark

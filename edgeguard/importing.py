@@ -22,8 +22,8 @@ from edgeguard.models.base import EdgeModel
 from edgeguard.models.imported import (
     ARCH,
     ImportedNet,
-    factory_record,
     call_factory,
+    factory_record,
     find_head,
     fit_weights,
     load_program,

@@ -510,7 +510,7 @@ def probe(module: nn.Module, input_shape: Sequence[int], num_classes: int, head:
         torch.allclose(head_out, y, atol=1e-6))
     if head_out is None and not getattr(module, "graph", None):
         raise BadInput(f"the head {head} is not called by the model's forward; name another with --head")
-    looks_like = "probabilities" if bool(((y >= 0).all() and (y.sum(1) - 1).abs().max() < 1e-4)) else "logits"
+    looks_like = "probabilities" if bool((y >= 0).all() and (y.sum(1) - 1).abs().max() < 1e-4) else "logits"
     return {"head_is_last": head_is_last, "outputs": looks_like}
 
 
