@@ -89,10 +89,6 @@ class ModelSpec:
     source: Mapping[str, Any] | None = None  # an imported model's record (manifest "import"); None: the registry
     program_path: str | None = dataclasses.field(default=None, compare=False)  # where its program.pt2 lies now
 
-    @property
-    def imported(self) -> bool:
-        return self.source is not None
-
     def program_bytes(self) -> bytes | None:
         if self.source is None or self.source.get("kind") != "program":
             return None

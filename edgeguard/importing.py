@@ -135,8 +135,7 @@ def import_model(
     try:
         program_path = None
         weights_report = None
-        if isinstance(source, nn.Module) or type(source).__name__ == "ExportedProgram" or \
-                str(source).endswith(".pt2"):
+        if isinstance(source, (nn.Module, torch.export.ExportedProgram)) or str(source).endswith(".pt2"):
             if isinstance(source, (str, Path)):
                 p = Path(source)
                 if not p.is_file():

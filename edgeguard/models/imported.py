@@ -22,7 +22,6 @@ import importlib
 import importlib.util
 import io
 import json
-import math
 import sys
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -128,7 +127,7 @@ def _check_archive(data: bytes, name: str) -> None:
         names = zf.namelist()
     except zipfile.BadZipFile:
         raise BadInput(f"{name} is not a torch.export archive (not a zip file)") from None
-    if not any(n.endswith("/models/model.json") or n.endswith("/models/model.json".lstrip("/")) for n in names):
+    if not any(n.endswith("models/model.json") for n in names):
         raise BadInput(f"{name} is not a torch.export archive (no models/model.json; torch.save of a whole model "
                        "is refused: it is a pickle)")
     for n in names:
@@ -318,10 +317,6 @@ def out_features(m: nn.Module) -> int:
     return int(m.weight.shape[0])
 
 
-def in_features(m: nn.Module) -> int:
-    return int(m.weight.shape[1])
-
-
 def find_head(module: nn.Module, num_classes: int, hint: str | None = None) -> str:
     """Dotted path of the final linear layer inside ``module``.
 
@@ -337,12 +332,15 @@ def find_head(module: nn.Module, num_classes: int, hint: str | None = None) -> s
         if path is None:
             raise BadInput(f"--head {hint} is a {type(m).__name__} with no linear layer in it")
         return _check_head(module, path, num_classes)
+    misfit = None  # a conventionally named head of another size: the likelier explanation than "no head"
     for name in HEAD_NAMES:
         m = getattr(module, name, None)
         if isinstance(m, nn.Module):
             path = _last_linear(m, name)
             if path is not None and out_features(module.get_submodule(path)) == num_classes:
                 return path
+            if path is not None and misfit is None:
+                misfit = path
     children = list(module.named_children())
     if isinstance(module, nn.Sequential) and children:
         path = _last_linear(children[-1][1], children[-1][0])
@@ -356,6 +354,8 @@ def find_head(module: nn.Module, num_classes: int, hint: str | None = None) -> s
     for name, m in module.named_modules():
         if name and is_linear(m) and out_features(m) == num_classes:
             last = name
+    if last is None and misfit is not None:
+        return _check_head(module, misfit, num_classes)
     if last is None:
         raise BadInput(f"cannot find the final linear layer of this {type(module).__name__} (looked for .classifier, "
                        f".fc, .head, .heads, a trailing Sequential and any Linear with {num_classes} outputs); "
@@ -430,42 +430,6 @@ class _Stop(Exception):
     pass
 
 
-def reinitialize(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Fresh weights for a network of the same architecture: ``reset_parameters`` where a layer has it, else a
-    generic init (Kaiming-uniform matrices, unit 1-D weights, zero biases; running stats reset)."""
-    done: set[int] = set()
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "reset_parameters") and callable(m.reset_parameters) and m is not model:
-                try:
-                    m.reset_parameters()
-                except Exception:
-                    continue
-                done.update(id(p) for p in m.parameters(recurse=False))
-                done.update(id(b) for b in m.buffers(recurse=False))
-        for name, p in model.named_parameters():
-            if id(p) in done:
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if p.dim() >= 2:
-                fan_in = p[0].numel()
-                bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))  # kaiming_uniform_(a=sqrt(5)), torch's default
-                p.uniform_(-bound, bound, generator=generator)
-            elif leaf == "weight":
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for name, b in model.named_buffers():
-            if id(b) in done:
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "running_mean":
-                b.zero_()
-            elif leaf == "running_var":
-                b.fill_(1.0)
-    return model
-
-
 # --- probing a module at import ------------------------------------------------------------------------------
 
 
@@ -508,7 +472,7 @@ def probe(module: nn.Module, input_shape: Sequence[int], num_classes: int, head:
     head_out = seen.get("o")
     head_is_last = isinstance(head_out, torch.Tensor) and head_out.shape == y.shape and bool(
         torch.allclose(head_out, y, atol=1e-6))
-    if head_out is None and not getattr(module, "graph", None):
+    if head_out is None:
         raise BadInput(f"the head {head} is not called by the model's forward; name another with --head")
     looks_like = "probabilities" if bool((y >= 0).all() and (y.sum(1) - 1).abs().max() < 1e-4) else "logits"
     return {"head_is_last": head_is_last, "outputs": looks_like}

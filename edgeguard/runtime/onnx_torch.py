@@ -209,6 +209,11 @@ def _flatten(m, node, a, at):
     return a[0].reshape(int(np.prod(a[0].shape[:ax])) if ax else 1, -1)
 
 
+def _text(v: str | bytes) -> str:
+    """A string attribute: onnx.helper returns bytes."""
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def _axes(a, at, i: int = 1) -> list[int] | None:
     """An op's axes: the ``axes`` attribute (older opsets) or its i-th input (opset >= 13/18)."""
     if "axes" in at:
@@ -319,8 +324,7 @@ def _batch_norm(m, node, a, at):
 
 def _pad(m, node, a, at):
     pads = a[1].tolist() if len(a) > 1 and a[1] is not None else at.get("pads")
-    mode = at.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _text(at.get("mode", "constant"))
     n = len(pads) // 2
     torch_pad: list[int] = []
     for b_, e in zip(reversed(pads[:n]), reversed(pads[n:]), strict=True):
@@ -352,8 +356,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "LayerNormalization": _layer_norm,
     "InstanceNormalization": lambda m, n, a, at: F.instance_norm(a[0], weight=a[1], bias=a[2],
                                                                  eps=at.get("epsilon", 1e-5)),
-    "Gelu": lambda m, n, a, at: F.gelu(a[0], approximate=(at.get("approximate", b"none") or b"none").decode()
-                                       if isinstance(at.get("approximate", b"none"), bytes) else at["approximate"]),
+    "Gelu": lambda m, n, a, at: F.gelu(a[0], approximate=_text(at.get("approximate", "none"))),
     "Erf": lambda m, n, a, at: torch.erf(a[0]),
     "Exp": lambda m, n, a, at: torch.exp(a[0]),
     "Log": lambda m, n, a, at: torch.log(a[0]),
@@ -367,8 +370,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "ReduceSum": _reduce(lambda x, ax, k: x.sum(dim=ax, keepdim=k)),
     "ReduceMax": _reduce(lambda x, ax, k: x.amax(dim=ax, keepdim=k)),
     "ReduceMin": _reduce(lambda x, ax, k: x.amin(dim=ax, keepdim=k)),
-    "Einsum": lambda m, n, a, at: torch.einsum(at["equation"].decode() if isinstance(at["equation"], bytes)
-                                               else at["equation"], *a),
+    "Einsum": lambda m, n, a, at: torch.einsum(_text(at["equation"]), *a),
     "LogSoftmax": lambda m, n, a, at: torch.log_softmax(a[0], dim=at.get("axis", -1)),
     "QuantizeLinear": _quantize,
     "DequantizeLinear": _dequantize,
