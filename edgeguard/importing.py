@@ -15,6 +15,7 @@ from torch import nn
 
 from edgeguard.bundle import ModelSpec, check_target, save_bundle, stage_record
 from edgeguard.config import DataConfig
+from edgeguard.data import load_data
 from edgeguard.errors import BadInput, CheckFailed
 from edgeguard.fileio import sha256_bytes
 from edgeguard.models import count_parameters
@@ -83,7 +84,7 @@ def _program_bytes(obj: Any, input_shape: Sequence[int] | None) -> bytes:
     return buf.getvalue()
 
 
-def _classes(classes: int | Sequence[str] | str | Path | None, data_info) -> tuple[str, ...]:
+def parse_classes(classes: int | Sequence[str] | str | Path | None, data_info) -> tuple[str, ...]:
     if classes is None:
         if data_info is None:
             raise BadInput("say how many classes the model has: --classes N, a names file, or --dataset")
@@ -97,12 +98,12 @@ def _classes(classes: int | Sequence[str] | str | Path | None, data_info) -> tup
     if isinstance(classes, (str, Path)):
         s = str(classes)
         if s.isdigit():
-            return _classes(int(s), data_info)
+            return parse_classes(int(s), data_info)
         p = Path(s)
         if not p.is_file():
             raise BadInput(f"--classes {s}: neither a count nor a names file")
         names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-        return _classes(names, data_info)
+        return parse_classes(names, data_info)
     names = tuple(str(c) for c in classes)
     if len(names) < 2 or len(set(names)) != len(names):
         raise BadInput("class names must be at least 2 distinct names")
@@ -128,8 +129,6 @@ def import_model(
     check_target(out)
     data_info = None
     if data is not None:
-        from edgeguard.data import load_data
-
         data_info = load_data(data, "train").info
     tmp = tempfile.TemporaryDirectory(prefix="edgeguard-import-")
     try:
@@ -174,7 +173,7 @@ def import_model(
         shape = tuple(int(d) for d in input_shape)
         if len(shape) != 3 or min(shape) < 1:
             raise BadInput(f"input shape must be C,H,W with positive sizes (got {input_shape})")
-        names = _classes(classes, data_info)
+        names = parse_classes(classes, data_info)
         if data_info is not None:
             if len(data_info.classes) != len(names):
                 raise BadInput(f"the model is given {len(names)} classes but dataset {data_info.name!r} has "

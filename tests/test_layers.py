@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "edgeguard.config", "edgeguard.stats"),
     ("edgeguard.data", "edgeguard.models"),
     ("edgeguard.training",),
-    ("edgeguard.bundle", "edgeguard.defenses"),
+    ("edgeguard.bundle", "edgeguard.defenses", "edgeguard.importing"),
     ("edgeguard.runtime",),
     ("edgeguard.protect", "edgeguard.quantize", "edgeguard.export", "edgeguard.serve"),
     ("edgeguard.attacks", "edgeguard.evaluate"),

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from edgeguard.errors import BadInput
+from edgeguard.models.base import EdgeModel
 
 ARCH = "imported"
 PROGRAM_FILE = "program.pt2"
@@ -481,8 +482,6 @@ def probe(module: nn.Module, input_shape: Sequence[int], num_classes: int, head:
 def build_imported(rec: Mapping[str, Any], *, num_classes: int, input_shape: Sequence[int], mean, std,
                    program: bytes | None = None) -> nn.Module:
     """The EdgeModel of an import record (``manifest["import"]``), freshly built (its weights come from model.pt)."""
-    from edgeguard.models.base import EdgeModel
-
     kind = rec.get("kind")
     if kind == "factory":
         module = call_factory(rec)

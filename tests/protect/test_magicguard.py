@@ -45,6 +45,14 @@ def _sgd(model, steps: int, seed: int, lr: float = 1e-3):
     return model.eval()
 
 
+def _close_calls(model, x: torch.Tensor, a: float = 0.01) -> torch.Tensor:
+    """The inputs whose top-2 logit gap is at most 2a: the only ones a ripple bounded by a can flip.  How many there
+    are depends on the trained weights (thread count and CPU change them), so the tests bound by them, not by luck."""
+    with torch.no_grad():
+        top2 = model(x).topk(2, 1).values
+    return (top2[:, 0] - top2[:, 1]) <= 2 * a
+
+
 def _raw(path, x: torch.Tensor) -> np.ndarray:
     import onnxruntime as ort
 
@@ -60,23 +68,30 @@ def test_fidelity_at_the_logits(tiny_bundle, digits_test):
         z = model(x)
         zg = attach(model, MagicGuardConfig(), SHAPE)(x)
         assert 0.009 < (zg - z).abs().max() <= 0.01 + 1e-6  # the ripple is there, and bounded by a
-        assert (zg.argmax(1) == z.argmax(1)).all()
-        assert abs(model_accuracy(model, digits_test) - model_accuracy(strip(model), digits_test)) <= 0.001
+        close = _close_calls(model, x)
+        agree = zg.argmax(1) == z.argmax(1)
+        assert agree[~close].all() and float(agree.float().mean()) >= 0.995
+        moved = abs(model_accuracy(model, digits_test) - model_accuracy(strip(model), digits_test))
+        assert moved <= float(close.float().mean()) + 1e-9  # only a close call can change its answer
         assert torch.equal(model(x), z) and not guard_paths(model)
 
 
 def test_protect_writes_a_guarded_bundle_that_reloads(guarded, tiny_bundle, digits_test):
     res = guarded
-    assert res.accuracy_after == res.accuracy_before and res.top1_agreement == 1.0
-    assert res.max_abs_change <= 0.01 + 1e-6 and res.min_top2_gap > 0.02
+    x, _ = digits_test.tensors()
+    plain = load_bundle(tiny_bundle).load_model()
+    close = float(_close_calls(plain, x).float().mean())  # only these can change their answer
+    with torch.no_grad():
+        top2 = plain(x).topk(2, 1).values
+    assert res.min_top2_gap == pytest.approx(float((top2[:, 0] - top2[:, 1]).min()), abs=1e-6)
+    assert abs(res.accuracy_after - res.accuracy_before) <= close + 1e-6 and res.top1_agreement >= max(1 - close - 1e-6, 0.995)
+    assert res.max_abs_change <= 0.01 + 1e-6
     b = load_bundle(res.bundle)
     assert b.manifest["magicguard"] == {"a": 0.01, "w": 1e4, "site": "logits", "ratio": 1.0, "seed": 0, "variant": "sine"}
     assert [s["stage"] for s in b.stages][-1] == "magicguard"
     model = b.load_model()
     assert guard_paths(model) == ("guard",) and float(model.guard.frequency) == 1e4
     with torch.no_grad():
-        x, _ = digits_test.tensors()
-        plain = load_bundle(tiny_bundle).load_model()
         assert torch.equal(strip(model)(x), plain(x))  # weights untouched: the guard is a pure graph edit
 
 
@@ -86,7 +101,8 @@ def test_sgd_destroys_the_guarded_model_but_not_the_control_or_the_owner(guarded
     d = run_destruction(guarded.bundle, DestructionConfig(recipes=(Recipe("sgd", 1e-3),), steps=200, eval_every=100))
     runs = {r["model"]: r for r in d.runs}
     assert [p["step"] for p in runs["guarded"]["points"]] == [0, 100, 200]
-    assert runs["guarded"]["points"][0]["accuracy"] == pytest.approx(base, abs=1e-6)
+    assert runs["guarded"]["points"][0]["accuracy"] == pytest.approx(guarded.accuracy_after, abs=1e-6)
+    assert runs["unguarded"]["points"][0]["accuracy"] == pytest.approx(base, abs=1e-6)
     assert runs["guarded"]["points"][-1]["accuracy"] <= 0.2
     assert runs["unguarded"]["points"][-1]["accuracy"] >= base - 0.02
     owner = load_bundle(guarded.bundle).load_model()
@@ -218,11 +234,12 @@ def test_owner_mode_qat_keeps_accuracy(guarded, tmp_path, digits_test):
     assert guard_paths(qat_model) == ("guard",)
 
 
-def test_cli_protect_and_bad_input(tiny_bundle, tmp_path, capsys):
+def test_cli_protect_and_bad_input(tiny_bundle, tmp_path, capsys, digits_test):
     out = tmp_path / "g"
     assert main(["protect", "magicguard", str(tiny_bundle), "--out", str(out), "--w", "1e3", "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["config"]["w"] == 1000.0 and r["top1_agreement"] == 1.0
+    close = float(_close_calls(load_bundle(tiny_bundle).load_model(), digits_test.tensors()[0]).float().mean())
+    assert r["config"]["w"] == 1000.0 and r["top1_agreement"] >= 1 - close - 1e-6
     capsys.readouterr()
     for args, words in ((["--a", "0"], "a must be a positive"), (["--w", "-1"], "w must be a positive"),
                         (["--site", "nope"], "is not a layer"), (["--site", "net.classifier"], "use site 'logits'"),
