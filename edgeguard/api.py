@@ -35,7 +35,8 @@ from edgeguard.evaluate import AccuracyResult, BenchConfig, BenchResult, bench_r
 from edgeguard.evaluate.defense import DefenseMeasurement, measure_defense
 from edgeguard.export import ExportConfig, ExportResult, export_onnx
 from edgeguard.export.triton_repo import TritonRepoConfig, TritonRepoResult, write_triton_repo
-from edgeguard.importing import ImportResult, import_model  # noqa: F401  (bring your own model: edgeguard.api.import_model)
+from edgeguard.export.wrap import WrapConfig, WrapResult, is_foreign_onnx, wrap_onnx, wrapped_original
+from edgeguard.importing import ImportResult, import_model, parse_classes  # noqa: F401  (edgeguard.api.import_model)
 from edgeguard.models import count_parameters, create_model
 from edgeguard.protect.fragile import FragileStore, verify_store
 from edgeguard.protect.watermark import VAULT_RECORD, verify_watermark
@@ -209,15 +210,63 @@ def export_bundle(
     *,
     defense: str = "none",
     defense_params: Mapping[str, Any] | None = None,
-) -> ExportResult:
-    """Export a bundle to ONNX with the named defense (built from the bundle when it needs a model or data)."""
+    wrap: WrapConfig | None = None,
+    data: DataConfig | None = None,
+    seed: int = 0,
+) -> ExportResult | WrapResult:
+    """Export a bundle to ONNX with the named defense (built from the bundle when it needs a model or data); a
+    third-party ``.onnx`` is wrapped instead (:func:`wrap_third_party`, ``wrap`` its settings)."""
 
-    if artifact_kind(bundle) != "bundle":
-        raise BadInput(f"export takes a bundle folder, not {bundle}")
+    kind = artifact_kind(bundle)
+    if kind == ".onnx":
+        if cfg is not None and cfg != ExportConfig():
+            raise BadInput("--opset / --max-batch apply to bundles; a third-party graph keeps its own opset")
+        return wrap_third_party(bundle, out, wrap, defense=defense, defense_params=defense_params, data=data,
+                                seed=seed)
+    if kind != "bundle":
+        raise BadInput(f"export takes a bundle folder or a third-party .onnx, not {bundle}")
+    if wrap is not None:
+        raise BadInput("--outputs / --mean / --std / --layout describe a third-party .onnx; a bundle records its own")
     defense_config(defense, defense_params)  # a bad name or parameter fails before any work
     b = load_bundle(bundle)
-    module = make_defense(defense, defense_params, defense_context(b))
+    module = make_defense(defense, defense_params, defense_context(b, seed=seed))
     return export_onnx(b, out, cfg, defense=module)
+
+
+def wrap_third_party(
+    source: str | Path,
+    out: str | Path,
+    cfg: WrapConfig | None = None,
+    *,
+    defense: str = "none",
+    defense_params: Mapping[str, Any] | None = None,
+    data: DataConfig | None = None,
+    seed: int = 0,
+) -> WrapResult:
+    """Wrap someone else's ONNX classifier as an edgeguard artifact (raw [0, 1] images in, probabilities out, the
+    defense fused after the softmax, the original nodes and initializers byte-identical inside).  ``data``: the
+    owner's data, for defenses that build themselves from training images."""
+    if artifact_kind(source) != ".onnx":
+        raise BadInput(f"{source} is not an .onnx file")
+    if not is_foreign_onnx(source):
+        raise BadInput(f"{source} is already an edgeguard artifact; export its bundle with the defense instead")
+    defense_config(defense, defense_params)
+    cfg = (cfg or WrapConfig()).replace(seed=seed)
+
+    def build(num_classes, input_shape, clean_predict):
+        def train_images():
+            if data is None:
+                raise BadInput(f"the {defense} defense builds itself from training images: give --dataset")
+            d = load_data(data, "train")
+            if tuple(d.info.input_shape) != tuple(input_shape):
+                raise BadInput(f"the dataset's images have shape {d.info.input_shape}, the graph takes {input_shape}")
+            return d.tensors()
+
+        ctx = DefenseContext(num_classes=num_classes, input_shape=tuple(input_shape), train_images=train_images,
+                             clean_predict=lambda x: clean_predict(torch.as_tensor(x)), seed=seed)
+        return make_defense(defense, defense_params, ctx)
+
+    return wrap_onnx(source, out, cfg, defense=build)
 
 
 def export_triton_repo(
@@ -228,12 +277,25 @@ def export_triton_repo(
     defense: str = "none",
     defense_params: Mapping[str, Any] | None = None,
     export: ExportConfig | None = None,
+    wrap: WrapConfig | None = None,
+    data: DataConfig | None = None,
+    seed: int = 0,
 ) -> TritonRepoResult:
     """A Triton model repository from a bundle (exported here, the defense fused) or from an exported ``.onnx`` /
     built engine / INT8 bundle as it is (then ``defense`` must be ``none``: the artifact already carries its own)."""
 
     cfg = cfg or TritonRepoConfig()
     kind = artifact_kind(artifact)
+    if kind == ".onnx" and is_foreign_onnx(artifact):  # someone else's graph: wrapped, so it serves like ours
+        if (Path(repo) / cfg.name).exists():
+            raise BadInput(f"{Path(repo) / cfg.name} already exists; remove it or pick another --name")
+        with tempfile.TemporaryDirectory(prefix="edgeguard-repo-") as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            wrap_third_party(artifact, onnx_path, wrap, defense=defense, defense_params=defense_params, data=data,
+                             seed=seed)
+            return write_triton_repo(onnx_path, repo, cfg)
+    if wrap is not None:
+        raise BadInput("--outputs / --mean / --std / --layout describe a third-party .onnx")
     if kind != "bundle" and defense != "none":
         raise BadInput(f"--defense applies when exporting a bundle; {artifact} is already exported with its own")
     if kind == "bundle" and (defense != "none" or not load_bundle(artifact, verify=False).quantized):
@@ -241,7 +303,7 @@ def export_triton_repo(
             raise BadInput(f"{Path(repo) / cfg.name} already exists; remove it or pick another --name")
         with tempfile.TemporaryDirectory(prefix="edgeguard-repo-") as tmp:
             onnx_path = Path(tmp) / "model.onnx"
-            export_bundle(artifact, onnx_path, export, defense=defense, defense_params=defense_params)
+            export_bundle(artifact, onnx_path, export, defense=defense, defense_params=defense_params, seed=seed)
             return write_triton_repo(onnx_path, repo, cfg)
     return write_triton_repo(artifact, repo, cfg)
 
@@ -283,8 +345,13 @@ def describe_artifact(path: str | Path) -> ArtifactDescription:
             "metadata": {p.key: p.value for p in proto.metadata_props},
             "bytes": Path(path).stat().st_size,
         }
+        if "edgeguard.wrapped" in details["onnx"]["metadata"]:
+            details["wrapped"] = wrapped_original(proto)
     with open_runner(path) as runner:
         info = runner.info.to_json()
+        if kind == ".onnx" and not getattr(runner, "metadata", None):
+            details["third_party"] = {"outputs": runner.outputs_detected, "why": runner.outputs_reason,
+                                      "normalization": "unknown (not recorded in the graph)"}
     return ArtifactDescription(info=info, details=details)
 
 

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import click
 
-from edgeguard.cli.options import DATA_OPTION, DATA_ROOT, DATASET, JSON_OUT, KeyValue, _data_config, emit
-
-
-def _floats(value: str | None, what: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{what} must be comma-separated numbers (got {value!r})") from None
+from edgeguard.cli.options import (
+    DATA_OPTION,
+    DATA_ROOT,
+    DATASET,
+    JSON_OUT,
+    KeyValue,
+    _data_config,
+    emit,
+    floats,
+    shape,
+)
 
 
 @click.command("import")
@@ -39,14 +40,8 @@ def import_cmd(source, out, weights, factory_args, input_shape, classes, mean, s
     as a bundle that every protect / quantize / export / attack / verify command takes."""
     from edgeguard.importing import import_model
 
-    shape = None
-    if input_shape is not None:
-        try:
-            shape = tuple(int(v) for v in input_shape.split(","))
-        except ValueError:
-            raise click.BadParameter(f"--input-shape must be C,H,W (got {input_shape!r})") from None
     data = _data_config(dataset, data_root, data_options) if dataset or data_root or data_options else None
-    res = import_model(source, out=out, input_shape=shape, classes=classes, mean=_floats(mean, "--mean"),
-                       std=_floats(std, "--std"), weights=weights, factory_args=dict(factory_args), head=head,
+    res = import_model(source, out=out, input_shape=shape(input_shape), classes=classes, mean=floats(mean, "--mean"),
+                       std=floats(std, "--std"), weights=weights, factory_args=dict(factory_args), head=head,
                        data=data)
     emit(res, json_path, res.summary())

@@ -106,6 +106,29 @@ def _default_data(artifact: Path):
     return artifact_data(artifact)
 
 
+def floats(value: str | None, what: str) -> tuple[float, ...] | None:
+    """``"0.5,0.25"`` -> (0.5, 0.25); None stays None."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated numbers (got {value!r})") from None
+
+
+def shape(value: str | None, what: str = "--input-shape") -> tuple[int, ...] | None:
+    """``"3,32,32"`` -> (3, 32, 32); None stays None."""
+    if value is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{what} must be C,H,W (got {value!r})") from None
+    if len(dims) != 3 or min(dims) < 1:
+        raise click.BadParameter(f"{what} must be three positive integers C,H,W (got {value!r})")
+    return dims
+
+
 def emit(result: Any, json_path: Path | None, human: str) -> None:
     """Print the human summary, write the JSON, and exit 1 if the result's verdict is negative."""
     if json_path is not None:

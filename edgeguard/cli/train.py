@@ -19,6 +19,8 @@ from edgeguard.cli.options import (
     _data_config,
     _registry_names,
     emit,
+    floats,
+    shape,
 )
 
 
@@ -79,9 +81,21 @@ def train_cmd(dataset, data_root, data_options, arch, model_options, config_path
 @click.option("--instances", type=int, default=1, show_default=True, help="triton-repo: instance_group count.")
 @click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="triton-repo: instance kind (auto: KIND_GPU for an engine, KIND_CPU for ONNX).")
+@click.option("--outputs", type=click.Choice(["auto", "logits", "probabilities"]), default=None,
+              help="Third-party .onnx: what the graph returns (default: detected on a probe batch, and said).")
+@click.option("--mean", type=str, default=None, help="Third-party .onnx: per-channel mean it expects on [0,1] images.")
+@click.option("--std", type=str, default=None, help="Third-party .onnx: per-channel std it expects.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None,
+              help="Third-party .onnx: its input layout (the wrapped graph always takes NCHW).")
+@click.option("--input-shape", type=str, default=None, help="Third-party .onnx: C,H,W where the graph leaves them dynamic.")
+@click.option("--classes", type=str, default=None, help="Third-party .onnx: class count or a names file.")
+@DATASET
+@DATA_ROOT
+@DATA_OPTION
 @SEED
 @JSON_OUT
-def export_cmd(bundle, out, fmt, opset, max_batch, defense, defense_params, name, instances, kind, seed, json_path):
+def export_cmd(bundle, out, fmt, opset, max_batch, defense, defense_params, name, instances, kind, outputs, mean, std,
+               layout, input_shape, classes, dataset, data_root, data_options, seed, json_path):
     """Export a bundle to ONNX (probabilities out, dynamic batch, metadata, parity self-check).
 
     With --defense the defense head is fused into the graph after the logits, in FP32, for FP32 and INT8
@@ -92,20 +106,30 @@ def export_cmd(bundle, out, fmt, opset, max_batch, defense, defense_params, name
     graph carries the defense fused, so no Python runs in the server (host-side defenses are refused: use
     `edgeguard serve`).
     """
-    from edgeguard.api import export_bundle, export_triton_repo
+    from edgeguard.api import export_bundle, export_triton_repo, parse_classes
     from edgeguard.export import ExportConfig
     from edgeguard.export.triton_repo import TritonRepoConfig
+    from edgeguard.export.wrap import WrapConfig
 
+    wrap_flags = {"outputs": outputs, "mean": floats(mean, "--mean"), "std": floats(std, "--std"), "layout": layout,
+                  "input_shape": shape(input_shape),
+                  "classes": parse_classes(classes, None) if classes is not None else None}
+    wrap = WrapConfig().replace(**wrap_flags) if any(v is not None for v in wrap_flags.values()) else None
+    data = _data_config(dataset, data_root, data_options) if dataset or data_root or data_options else None
+    seed = 0 if seed is None else seed
     if fmt == "triton-repo":
         cfg = TritonRepoConfig(name=name, instances=instances, kind=kind).replace(max_batch=max_batch)
         res = export_triton_repo(bundle, out, cfg, defense=defense, defense_params=dict(defense_params),
-                                 export=ExportConfig().replace(opset=opset))
+                                 export=ExportConfig().replace(opset=opset), wrap=wrap, data=data, seed=seed)
         emit(res, json_path, f"wrote {res.model_dir}: {res.platform}, max_batch_size {cfg.max_batch}, "
                              f"{cfg.instances} instance(s), defense {res.info['defense']['name']}, "
                              f"model sha256 {res.sha256[:12]}")
         return
     res = export_bundle(bundle, out, ExportConfig().replace(opset=opset, max_batch=max_batch), defense=defense,
-                        defense_params=dict(defense_params))
+                        defense_params=dict(defense_params), wrap=wrap, data=data, seed=seed)
+    if hasattr(res, "original_sha256"):  # a third-party graph, wrapped
+        emit(res, json_path, wrap_summary(res))
+        return
     check = ("stored QDQ graph of the INT8 bundle" if res.self_check_max_abs_diff is None else
              f"self-check vs PyTorch: max |Δprob| {res.self_check_max_abs_diff:.2e}, "
              f"top-1 agreement {res.self_check_top1_agreement:.4f}")
@@ -115,6 +139,15 @@ def export_cmd(bundle, out, fmt, opset, max_batch, defense, defense_params, name
         where = f"fused in the graph ({', '.join(res.head_ops)})" if res.placement == "graph" else f"host-side, state in {res.sidecar}"
         check += f"; defense {res.defense} {where}{head}"
     emit(res, json_path, f"wrote {res.path} ({res.bytes:,} bytes, opset {res.opset}, sha256 {res.sha256[:12]}); {check}")
+
+
+def wrap_summary(res) -> str:
+    head = f"defense {res.defense} fused ({', '.join(res.head_ops)})" if res.defense != "none" else "no defense"
+    return (f"wrote {res.path} ({res.bytes:,} bytes, sha256 {res.sha256[:12]}): wraps {res.original_sha256[:12]} "
+            f"({res.original_nodes} nodes, {res.original_initializers} initializers byte-identical), "
+            f"{res.outputs} out of the original -> probabilities, {head}; self-check vs the original: max |Δprob| "
+            f"{res.self_check_max_abs_diff:.2e}, top-1 agreement {res.self_check_top1_agreement:.4f}; "
+            + "; ".join(res.notes))
 
 
 @click.command("info")
@@ -133,7 +166,9 @@ def info_cmd(artifact, seed, json_path):
         f"backend     {i['backend']} ({i['device']})",
         f"precision   {i['precision']}",
         f"defense     {i['defense']}",
-        f"input       N x {' x '.join(str(d) for d in i['input_shape'])} (raw images in [0,1] or uint8)",
+        f"input       N x {' x '.join(str(d) for d in i['input_shape'])} "
+        + ("(normalisation unknown: not recorded in the graph)" if "third_party" in res.details
+           else "(raw images in [0,1] or uint8)"),
         f"classes     {len(i['classes'])}: {', '.join(i['classes'][:10])}{' ...' if len(i['classes']) > 10 else ''}",
         f"sha256      {i['sha256']}",
     ]
@@ -145,4 +180,17 @@ def info_cmd(artifact, seed, json_path):
     if "onnx" in res.details:
         o = res.details["onnx"]
         lines.append(f"onnx        opset {o['opset']}, {o['nodes']} nodes, {o['bytes']:,} bytes")
+    if "third_party" in res.details:
+        t = res.details["third_party"]
+        lines.append(f"outputs     {t['outputs']} ({t['why']})" + ("; the runner applies a softmax"
+                                                                    if t["outputs"] == "logits" else ""))
+        lines.append("note        not an edgeguard artifact: `edgeguard export FILE --mean .. --std .. --out W.onnx` "
+                     "wraps it (raw images in, probabilities out, defense fused)")
+    if "wrapped" in res.details:
+        w = res.details["wrapped"]
+        a, b = w["node_range"]
+        i0, i1 = w["initializer_range"]
+        lines.append(f"wraps       {w['file']} (sha256 {w['sha256'][:12]}, returns {w['outputs']}, layout "
+                     f"{w['layout']}): {b - a} nodes, {i1 - i0} initializers "
+                     + ("byte-identical (checked now)" if w["intact"] else "CHANGED since wrapping"))
     emit(res, json_path, "\n".join(lines))

@@ -138,8 +138,11 @@ def expose_logits(proto):
     return proto
 
 
-def graft_head(backbone, head, input_name: str):
-    """Append ``head`` (inputs ``logits``[, ``input``]) to ``backbone`` (output ``logits``); returns a new proto."""
+def graft_head(backbone, head, input_name: str, *, logits: str = LOGITS, renamed: dict[str, str] | None = None):
+    """Append ``head`` (inputs ``logits``[, ``input``]) to ``backbone`` (output ``logits``); returns a new proto.
+
+    ``logits``: the backbone's logits tensor; ``renamed``: new names for the head's outputs (a wrapped third-party
+    graph may already use ``probabilities`` for a tensor of its own)."""
     import onnx
 
     b_opset = {o.domain: o.version for o in backbone.opset_import}
@@ -148,15 +151,18 @@ def graft_head(backbone, head, input_name: str):
         raise CheckFailed(f"backbone opset {b_opset.get('')} and head opset {h_opset.get('')} differ")
     merged = copy.deepcopy(backbone)
     g = merged.graph
-    if [o.name for o in g.output] != [LOGITS]:
+    if [o.name for o in g.output] != [logits]:
         raise CheckFailed("graft_head needs a backbone whose only output is the logits")
+    renamed = dict(renamed or {})
     outputs = {o.name for o in head.graph.output}
 
-    boundary = {LOGITS: LOGITS, INPUT_NAME: input_name}
+    boundary = {LOGITS: logits, INPUT_NAME: input_name}
 
     def rename(name: str) -> str:
-        if not name or name in outputs:
+        if not name:
             return name
+        if name in outputs:
+            return renamed.get(name, name)
         return boundary.get(name, PREFIX + name)
 
     for n in head.graph.node:
@@ -174,7 +180,10 @@ def graft_head(backbone, head, input_name: str):
         v2.name = rename(vi.name)
         g.value_info.append(v2)
     del g.output[:]
-    g.output.extend(copy.deepcopy(list(head.graph.output)))
+    for o in head.graph.output:
+        o2 = copy.deepcopy(o)
+        o2.name = renamed.get(o.name, o.name)
+        g.output.append(o2)
     for f in head.functions:
         if all(f.name != h.name or f.domain != h.domain for h in merged.functions):
             merged.functions.append(copy.deepcopy(f))
@@ -209,12 +218,12 @@ def check_head(proto, *, allow_random: bool = False, network_ops: frozenset[str]
     return sorted({n.op_type for n in nodes})
 
 
-def with_logits_output(proto):
+def with_logits_output(proto, logits: str = LOGITS):
     """Copy of a defended graph that also outputs the logits (for parity checks, never shipped)."""
     import onnx
 
     proto = copy.deepcopy(proto)
     names = {o.name for o in proto.graph.output}
-    if LOGITS not in names:
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(LOGITS, onnx.TensorProto.FLOAT, None))
+    if logits not in names:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None))
     return proto

@@ -116,8 +116,6 @@ def to_onnx_proto(module: nn.Module, input_shape: tuple[int, ...], cfg: ExportCo
 
 def finalize_onnx(proto, bundle: Bundle, *, precision: str = "fp32", defense=None, quantization=None, magicguard=None):
     """Write edgeguard metadata into ``proto`` and run ``onnx.checker`` (full check)."""
-    import onnx
-
     spec = bundle.spec
     meta = {
         "version": __version__,
@@ -135,10 +133,17 @@ def finalize_onnx(proto, bundle: Bundle, *, precision: str = "fp32", defense=Non
         meta["quantization"] = quantization
     if magicguard is not None:
         meta["magicguard"] = magicguard
+    return stamp(proto, meta, f"edgeguard {__version__} export of {spec.arch} ({len(spec.classes)} classes, {precision})")
+
+
+def stamp(proto, meta: dict[str, Any], doc: str):
+    """Replace ``proto``'s metadata with edgeguard's ``meta``, set its doc string, run ``onnx.checker`` (full)."""
+    import onnx
+
     del proto.metadata_props[:]
     for k, v in encode(meta).items():
         proto.metadata_props.add(key=k, value=v)
-    proto.doc_string = f"edgeguard {__version__} export of {spec.arch} ({len(spec.classes)} classes, {precision})"
+    proto.doc_string = doc
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
@@ -174,7 +179,7 @@ class HeadCheck:
     passed: bool
 
 
-def _head_check(proto, defense, x: torch.Tensor) -> tuple[HeadCheck, np.ndarray]:
+def head_check(proto, defense, x: torch.Tensor, logits_name: str = LOGITS) -> tuple[HeadCheck, np.ndarray]:
     """Run the defended graph with its logits exposed; compare the head with the PyTorch defense on those logits.
 
     Continuous heads must agree within HEAD_ATOL on every row.  Heads with discrete choices (a rounding step, a
@@ -185,16 +190,17 @@ def _head_check(proto, defense, x: torch.Tensor) -> tuple[HeadCheck, np.ndarray]
 
 
     try:
-        sess = ort.InferenceSession(with_logits_output(proto).SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(with_logits_output(proto, logits_name).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         outs = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x.numpy()}), strict=True))
     except Exception as e:  # ORT raises its own exception types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckFailed(f"ONNX Runtime cannot run the exported graph ({first[:200]}); nothing was written") from None
-    logits = outs[LOGITS]
+    logits = outs[logits_name]
     with torch.no_grad():
         ref = defense(torch.from_numpy(logits), x).numpy()
-    got = outs[OUTPUT_NAME]
+    got = outs[proto.graph.output[0].name]
     diff = np.abs(ref.astype(np.float64) - got)
     finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
     off = float((diff.max(1) > HEAD_ATOL).mean()) if len(diff) else 0.0
@@ -202,7 +208,8 @@ def _head_check(proto, defense, x: torch.Tensor) -> tuple[HeadCheck, np.ndarray]
 
 
 def _sidecar_bytes(defense, bundle: Bundle) -> bytes:
-    """The host-side defense's state (config, the architecture to rebuild surrogates, tensors), serialised."""
+    """The host-side defense's state (config, the architecture to rebuild surrogates, tensors), serialised.  An imported
+    model's architecture is its import record (a factory is called again, hash-checked, where the graph is served)."""
     spec = bundle.spec
     record = {
         "format": "edgeguard-host-defense",
@@ -211,9 +218,13 @@ def _sidecar_bytes(defense, bundle: Bundle) -> bytes:
         "params": defense.cfg.params() if defense.cfg is not None else {},
         "num_classes": defense.num_classes,
         "model": {"arch": spec.arch, "num_classes": spec.num_classes, "in_channels": spec.input_shape[0],
-                  "mean": list(spec.mean), "std": list(spec.std), "options": dict(spec.options)},
+                  "input_shape": list(spec.input_shape), "mean": list(spec.mean), "std": list(spec.std),
+                  "options": dict(spec.options), "source": spec.source},
         "state": {k: v.detach().cpu().clone() for k, v in defense.state_dict().items()},
     }
+    program = spec.program_bytes()  # an imported torch.export program travels with the state: the host needs no bundle
+    if program is not None:
+        record["program"] = torch.frombuffer(bytearray(program), dtype=torch.uint8)
     return torch_bytes(record)
 
 
@@ -286,14 +297,14 @@ def export_onnx(
     if n:
         x = _check_inputs(spec.input_shape, n)
         if not head_module.is_random():
-            head_parity, logits = _head_check(proto, head_module, x)
+            head_parity, logits = head_check(proto, head_module, x)
             head_diff = head_parity.max_abs_diff if defense.fusable else None
             if not head_parity.passed:
                 raise CheckFailed(f"ONNX Runtime disagrees with PyTorch on the {defense.name} head "
                                   f"({head_parity.off_rows:.1%} of rows beyond {HEAD_ATOL:g}, max |Δ| "
                                   f"{head_parity.max_abs_diff:.2e}); nothing was written")
         else:
-            _, logits = _head_check(proto, NoDefense(None, spec.num_classes), x)
+            _, logits = head_check(proto, NoDefense(None, spec.num_classes), x)
         if model is not None:  # FP32 backbone: its softmax must match PyTorch as before
             with torch.no_grad():
                 ref = torch.softmax(model(x), dim=1).numpy()

@@ -19,6 +19,7 @@ import torch
 from edgeguard.defenses import DEFENSES, DefenseContext, defense_config
 from edgeguard.errors import BadInput
 from edgeguard.models import create_model
+from edgeguard.models.imported import build_imported
 from edgeguard.runtime.base import Runner, RunnerInfo
 
 SIDECAR_FORMAT = "edgeguard-host-defense"
@@ -49,6 +50,11 @@ def load_host_defense(graph_path: Path, record: dict[str, Any]):
     cfg = defense_config(name, blob.get("params") or {})
 
     def factory():
+        if m.get("source") is not None:  # an imported model: its factory (hash-checked) or its program, rebuilt
+            program = blob.get("program")
+            return build_imported(m["source"], num_classes=m["num_classes"], input_shape=m["input_shape"],
+                                  mean=m["mean"], std=m["std"],
+                                  program=None if program is None else program.numpy().tobytes())
         return create_model(m["arch"], num_classes=m["num_classes"], in_channels=m["in_channels"], mean=m["mean"],
                             std=m["std"], **dict(m.get("options") or {}))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 from edgeguard.errors import BadInput
 
 INPUT_NAME = "input"
@@ -16,6 +18,7 @@ OUTPUT_NAME = "probabilities"
 LOGITS = "logits"
 PREFIX = "defense/"
 FLAG_OUTPUT = "defense_flag"
+PROBE_TOL = 1e-3  # a row "is a distribution" when it is non-negative and sums to 1 within this
 
 
 def producer(graph, name: str):
@@ -39,12 +42,27 @@ def clean_view(proto, logits: str = LOGITS):
     keep.reverse()
     del g.node[:]
     g.node.extend(keep)
-    g.node.append(onnx.helper.make_node("Softmax", [logits], [OUTPUT_NAME], axis=-1, name="clean/softmax"))
+    taken = {t for n in keep for t in (*n.input, *n.output)} | {i.name for i in g.input}
+    out = OUTPUT_NAME if OUTPUT_NAME not in taken else "clean/" + OUTPUT_NAME  # a wrapped graph may use the name
+    g.node.append(onnx.helper.make_node("Softmax", [logits], [out], axis=-1, name="clean/softmax"))
     used = {i for n in g.node for i in n.input}
     kept_inits = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(kept_inits)
     del g.output[:]
-    g.output.append(onnx.helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, None))
+    g.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
     del g.value_info[:]
     return proto
+
+
+def probe_outputs(y: np.ndarray) -> tuple[str, str]:
+    """("probabilities" | "logits", why): probabilities when every row is non-negative and sums to 1."""
+    sums = y.sum(1)
+    neg = np.flatnonzero((y < -PROBE_TOL).any(1))
+    off = np.flatnonzero(np.abs(sums - 1) > PROBE_TOL)
+    if not len(neg) and not len(off):
+        return "probabilities", f"every probe row is non-negative and sums to 1 (max |sum-1| {np.abs(sums - 1).max():.1e})"
+    row = int(neg[0]) if len(neg) else int(off[0])
+    why = (f"row {row} has a negative entry ({float(y[row].min()):.3g})" if len(neg)
+           else f"row {row} sums to {float(sums[row]):.4g}")
+    return "logits", why

@@ -26,8 +26,9 @@ KEYS = (
     "stages",
     "quantization",
     "magicguard",
+    "wrapped",
 )
-JSON_KEYS = {"classes", "input_shape", "normalization", "defense", "stages", "quantization", "magicguard"}
+JSON_KEYS = {"classes", "input_shape", "normalization", "defense", "stages", "quantization", "magicguard", "wrapped"}
 
 
 def encode(meta: Mapping[str, Any]) -> dict[str, str]:

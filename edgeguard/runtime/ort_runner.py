@@ -7,7 +7,7 @@ import numpy as np
 from edgeguard.errors import BackendUnavailable, BadInput
 from edgeguard.fileio import sha256_file
 from edgeguard.runtime.base import Runner, RunnerInfo
-from edgeguard.runtime.graph import clean_view
+from edgeguard.runtime.graph import clean_view, probe_outputs
 from edgeguard.runtime.metadata import decode
 
 PROVIDERS = {
@@ -87,8 +87,11 @@ class OrtRunner(Runner):
         classes = tuple(meta.get("classes") or [str(i) for i in range(out_dim if isinstance(out_dim, int) else 0)])
         if not classes:
             raise BadInput(f"{self.path} does not declare its number of classes (dynamic output and no metadata)")
-        # An artifact without edgeguard metadata may output logits; decide once, from the graph.
-        self._softmax = meta.get("output", "") != "probabilities" and not self._ends_in_softmax()
+        # An artifact without edgeguard metadata may output logits: decided once, on a probe batch, and said.
+        self.outputs_detected = "probabilities"
+        if meta.get("output", "") != "probabilities":
+            self.outputs_detected, self.outputs_reason = self._probe(shape)
+        self._softmax = self.outputs_detected == "logits"
         defense = meta.get("defense", {"name": "none"})
         if self.undefended:
             defense = {"name": "none"}
@@ -106,6 +109,7 @@ class OrtRunner(Runner):
                 ("source_sha256", meta.get("source_sha256")),
                 ("edgeguard_version", meta.get("version")),
                 ("softmax_added_by_runner", self._softmax),
+                *((("outputs_detected", f"{self.outputs_detected}: {self.outputs_reason}"),) if not meta else ()),
             ),
         )
 
@@ -127,10 +131,20 @@ class OrtRunner(Runner):
             raise BadInput(f"{self.path} records no defense head, so it has no undefended view")
         return clean_view(proto, record["logits"]).SerializeToString()
 
-    def _ends_in_softmax(self) -> bool:
-        g = self._graph()
-        out = g.output[0].name
-        return any(n.op_type == "Softmax" and out in n.output for n in g.node)
+    def _probe(self, shape) -> tuple[str, str]:
+        """What a graph without edgeguard metadata returns, from 8 seeded [0, 1] images: (kind, why)."""
+        if any(d is None for d in shape):
+            return "logits", "C, H or W is dynamic, so no probe ran; a softmax is applied"
+        batch = self._session.get_inputs()[0].shape[0]
+        x = np.random.default_rng(0).random((batch if isinstance(batch, int) else 8, *shape), dtype=np.float32)
+        try:
+            y = self._session.run(self._outputs[:1], {self._input: x})[0]
+        except Exception as e:  # ORT raises its own exception types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BadInput(f"{self.path} fails on a probe batch of {x.shape} images ({first[:200]})") from None
+        if not np.isfinite(y).all():
+            raise BadInput(f"{self.path} returns non-finite scores on a probe batch of [0, 1] images")
+        return probe_outputs(y)
 
     def _detect_precision(self) -> str:
         ops = {n.op_type for n in self._graph().node}

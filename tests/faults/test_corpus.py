@@ -39,15 +39,16 @@ def _onnx_model(path: Path, in_shape, outputs, nodes, inits=()) -> None:
     onnx.save(m, str(path))
 
 
-def _linear_classifier(path: Path, in_shape, k: int) -> None:
+def _linear_classifier(path: Path, in_shape, k: int, *, softmax: bool = True, batch="N") -> None:
     from onnx import TensorProto, helper
 
     d = int(np.prod(in_shape))
-    w = helper.make_tensor("w", TensorProto.FLOAT, [d, k], np.random.default_rng(0).random(d * k).astype(np.float32))
+    w = helper.make_tensor("w", TensorProto.FLOAT, [d, k], np.random.default_rng(0).random(d * k).astype(np.float32) - 0.5)
     s = helper.make_tensor("s", TensorProto.INT64, [2], [-1, d])
-    _onnx_model(path, ["N", *in_shape], [("y", ["N", k])],
-                [helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["m"]),
-                 helper.make_node("Softmax", ["m"], ["y"], axis=1)], [w, s])
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["m" if softmax else "y"])]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["m"], ["y"], axis=1))
+    _onnx_model(path, [batch, *in_shape], [("y", [batch, k])], nodes, [w, s])
 
 
 def _rehash(bundle: Path) -> None:
@@ -132,6 +133,8 @@ def ws(tiny_bundle, tiny_onnx, tmp_path_factory):
     os.symlink("nowhere.onnx", at("dangling.onnx"))
     _linear_classifier(at("rgb8.onnx"), [3, 8, 8], 10)  # another input shape
     _linear_classifier(at("seven.onnx"), [1, 32, 32], 7)  # another class count
+    _linear_classifier(at("logits.onnx"), [1, 32, 32], 10, softmax=False)  # someone else's graph, logits out
+    _linear_classifier(at("batch1.onnx"), [1, 32, 32], 10, batch=1)  # a fixed batch of one
     from onnx import helper
 
     _onnx_model(at("twoout.onnx"), ["N", 1, 32, 32], [("y", ["N", 1, 32, 32]), ("z", ["N", 1, 32, 32])],
@@ -283,7 +286,21 @@ CASES = [
     ("extract-random-bytes", "attack extract {random_onnx} --method knockoff --budget 10 --out OUT", 2, r"random\.onnx is not a valid ONNX model"),
     ("extract-other-shape", "attack extract {rgb8_onnx} --method knockoff --budget 10 --query-set digits --out OUT", 2, r"\(3, 8, 8\)"),
     ("fragile-empty-onnx", "protect fragile {empty_onnx} --out OUT", 2, r"empty\.onnx is not a valid ONNX model"),
-    ("export-onnx-as-bundle", "export {b_onnx} --out OUT.onnx", 2, r"b\.onnx"),
+    ("export-onnx-as-bundle", "export {b_onnx} --out OUT.onnx", 2, r"b\.onnx is already an edgeguard artifact"),
+    ("export-third-party-two-outputs", "export {twoout_onnx} --out OUT.onnx", 2,
+     r"twoout\.onnx has 2 outputs \(y, z\); a classifier returns one .*extract_model"),
+    ("export-third-party-not-a-classifier", "export {image2image_onnx} --out OUT.onnx", 2,
+     r"output 'y' has shape \[None, 1, 32, 32\], not \(N, classes\)"),
+    ("export-third-party-fixed-batch", "export {batch1_onnx} --out OUT.onnx", 2, r"batch dimension is fixed at 1"),
+    ("export-third-party-mean-channels", "export {rgb8_onnx} --mean 0.5,0.5 --out OUT.onnx", 2,
+     r"--mean has 2 values; the input has 3 channels"),
+    ("export-third-party-not-probabilities", "export {logits_onnx} --outputs probabilities --out OUT.onnx", 2,
+     r"--outputs probabilities, but .*logits\.onnx does not return distributions: row \d+ (has a negative|sums to)"),
+    ("export-third-party-host-defense", "export {logits_onnx} --defense modelguard_w --defense-param solver=lp "
+     "--out OUT.onnx", 2, r"modelguard_w"),
+    ("export-third-party-wrong-shape", "export {logits_onnx} --input-shape 3,32,32 --out OUT.onnx", 2,
+     r"--input-shape 3,32,32 does not match the graph's NCHW input \[1, 32, 32\]"),
+    ("export-wrap-flags-on-a-bundle", "export {b} --mean 0.5 --out OUT.onnx", 2, r"describe a third-party \.onnx"),
     ("quantize-onnx-as-bundle", "quantize {b_onnx} --out OUT", 2, r"b\.onnx"),
     # --- bundles: tampered, hash mismatch, missing file, malicious pickle, broken manifest -------------------
     ("export-tampered-manifest", "export {tampered} --out OUT.onnx", 2, r"does not fit architecture 'resnet18': \d+ missing tensors"),
