@@ -139,3 +139,53 @@ def test_the_whole_chain_on_an_imported_model(name, source, tmp_path):
     assert rc == (0 if r["passed"] else 1) and r["watermark"]["n"] == 100  # the verdict after RTAL is the measurement
     assert run("verify", t / "unmarked", "--vault", t / "marked" / "vault", "--json", t / "u.json") == 1
     assert json.loads((t / "u.json").read_text())["watermark"]["verdict"] == "absent"
+
+
+def test_a_pipeline_config_imports_instead_of_training(tmp_path):
+    """``import:`` replaces the training stage; the rest of the pipeline runs on the user's model, including a host-side
+    defense (MAD), whose state file rebuilds the imported architecture from its record where the graph is served."""
+    from edgeguard.pipeline import PipelineConfig, run_pipeline
+    from edgeguard.runtime import open_runner
+
+    user = bm.train_user_model(bm.resnet())
+    torch.save(user.state_dict(), tmp_path / "w.pt")
+    cfg_path = tmp_path / "byom.yaml"
+    cfg_path.write_text(f"""
+name: byom
+data: {{name: digits}}
+import:
+  source: {FACTORY}:resnet
+  weights: {tmp_path / 'w.pt'}
+  mean: [{bm.DIGITS_MEAN[0]}]
+  std: [{bm.DIGITS_STD[0]}]
+quantize: {{enabled: true, mode: ptq, target: cpu, calib_samples: 128, max_accuracy_drop: 0.02}}
+export:
+  defense: [heuristic, {{name: mad, params: {{jacobian: closed_form}}}}]
+  defense_latency_iterations: 2
+evaluate: {{min_accuracy: 0.6}}
+bench: {{batch_sizes: [1], warmup: 1, iterations: 2}}
+""")
+    res = run_pipeline(PipelineConfig.load(cfg_path), tmp_path / "run")
+    report = res.report
+    assert "train" not in report["results"] and report["results"]["import"]["head"] == "fc"
+    assert report["results"]["import"]["source"].endswith("byom_models.py:resnet")
+    assert res.passed, [c for c in report["checks"] if not c["passed"]]
+    assert load_bundle(report["artifacts"]["bundle"]).manifest["arch"] == "imported"
+    mad = tmp_path / "run" / "defenses" / "01_mad.onnx"
+    with open_runner(mad) as r:
+        assert r.info.defense == "mad"
+        p = r.predict(torch.rand(4, 1, 32, 32).numpy())
+    assert p.shape == (4, 10) and abs(float(p.sum(1).mean()) - 1) < 1e-4
+    assert "## Imported model" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_pipeline_config_names_either_a_model_or_an_import(tmp_path):
+    from edgeguard.pipeline import PipelineConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{arch: smallcnn}}\nimport: {{source: {FACTORY}:resnet}}\n")
+    with pytest.raises(BadInput, match="either trains a model .model. or imports one"):
+        PipelineConfig.load(cfg)
+    cfg.write_text("import: {weights: w.pt}\n")
+    with pytest.raises(BadInput, match="import needs a source"):
+        PipelineConfig.load(cfg)

@@ -46,6 +46,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             ),
             "",
         ]
+    if "import" in res:
+        t = res["import"]
+        out += ["## Imported model", ""]
+        out += [
+            _table(
+                ["source", "kind", "parameters", "input", "classes", "head", "outputs", "mean", "std"],
+                [[t["source"], t["kind"], f"{t['parameters']:,}", "x".join(map(str, t["input_shape"])), len(t["classes"]),
+                  t["head"], t["outputs"], ", ".join(f"{v:g}" for v in t["mean"]), ", ".join(f"{v:g}" for v in t["std"])]],
+                "llrlrllll",
+            ),
+            "",
+        ]
+        if t.get("weights"):
+            out += [f"Weights: {t['weights']}", ""]
     if "evaluate" in res:
         acc = res["evaluate"]["accuracy"]
         any_acc = next(iter(acc.values()))

@@ -217,11 +217,31 @@ class PipelineServeConfig(Config):
 
 
 @dataclass(frozen=True)
+class PipelineImportConfig(Config):
+    """The import stage (YAML section ``import``): bring your own model instead of training one.  The fields are
+    ``edgeguard import``'s options; the model belongs to the run's ``data`` (evaluation, calibration, triggers)."""
+
+    source: str | None = None  # pkg.mod:factory, path/file.py:factory, or a torch.export .pt2 file
+    weights: str | None = None  # a state dict (.pt/.pth, loaded weights_only, or .safetensors) for a factory
+    factory_args: dict = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None  # C,H,W; default: the dataset's
+    classes: str | None = None  # a count or a names file; default: the dataset's classes
+    mean: tuple[float, ...] | None = None  # the normalisation the model expects on [0, 1] inputs
+    std: tuple[float, ...] | None = None
+    head: str | None = None  # the classifier's attribute path, where it cannot be found
+
+    @property
+    def enabled(self) -> bool:
+        return self.source is not None
+
+
+@dataclass(frozen=True)
 class PipelineConfig(Config):
     name: str = "pipeline"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    import_: PipelineImportConfig = field(default_factory=PipelineImportConfig)  # YAML: ``import``
     train: TrainConfig = field(default_factory=TrainConfig)
     export: PipelineExportConfig = field(default_factory=PipelineExportConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
@@ -244,6 +264,16 @@ class PipelineConfig(Config):
                 raise BadInput(f"config {path}: set the run's seed once, at the top level (remove {section}.seed)")
             if isinstance(raw.get(section), dict) and "device" in raw[section]:
                 raise BadInput(f"config {path}: set the device once, at the top level (remove {section}.device)")
+        if "import_" in raw:
+            raise BadInput(f"config {path}: the section is called import (not import_)")
+        if "import" in raw:
+            both = [k for k in ("model", "train") if k in raw]
+            if both:
+                raise BadInput(f"config {path}: a config either trains a model ({' and '.join(both)}) or imports "
+                               "one (import), not both: remove one")
+            raw["import_"] = raw.pop("import")
+            if not isinstance(raw["import_"], dict) or not raw["import_"].get("source"):
+                raise BadInput(f"config {path}: import needs a source (pkg.mod:factory, file.py:factory or a .pt2 file)")
         cfg = cls.from_mapping(raw, what=f"config {path}")
         return cfg.replace(**overrides)  # type: ignore[return-value]
 

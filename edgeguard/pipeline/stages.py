@@ -17,6 +17,7 @@ from edgeguard.errors import CheckFailed
 from edgeguard.evaluate import BenchConfig, accuracy_from, evaluate_accuracy, parity_from, predict_dataset
 from edgeguard.evaluate.defense import measure_defense
 from edgeguard.evaluate.destruction import plot_destruction, run_destruction
+from edgeguard.importing import import_model
 from edgeguard.pipeline.config import PipelineConfig
 from edgeguard.progress import log
 from edgeguard.protect import embed_watermark, verify_watermark
@@ -43,8 +44,24 @@ class Context:
         self.checks.append({"name": name, "passed": bool(passed), "detail": detail})
 
 
+def stage_import(ctx: Context) -> None:
+    """The user's own model instead of a trained one (config section ``import``), as ``edgeguard import`` does."""
+    imp = ctx.cfg.import_
+    if not imp.enabled:
+        return
+
+    res = import_model(imp.source, out=ctx.out / "bundle", input_shape=imp.input_shape, classes=imp.classes,
+                       mean=imp.mean, std=imp.std, weights=imp.weights, factory_args=imp.factory_args, head=imp.head,
+                       data=ctx.cfg.data)
+    ctx.bundle = ctx.base = res.bundle
+    ctx.results["import"] = res.to_json()
+
+
 def stage_train(ctx: Context) -> None:
     cfg = ctx.cfg
+    if cfg.import_.enabled:
+        return
+
     res = train_bundle(cfg.data, cfg.model, cfg.train_config(), ctx.out / "bundle")
     ctx.bundle = ctx.base = res.bundle
     ctx.results["train"] = res.to_json()
@@ -410,6 +427,7 @@ def stage_serve(ctx: Context) -> None:
 
 
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
+    ("import", stage_import),
     ("train", stage_train),
     ("watermark", stage_watermark),
     ("magicguard", stage_magicguard),
