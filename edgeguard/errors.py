@@ -29,3 +29,33 @@ class BackendUnavailable(EdgeguardError):
     """A needed optional backend is missing: tensorrt, a GPU, an execution provider, an extra."""
 
     exit_code = 3
+
+
+class RemoteError(EdgeguardError):
+    """A server could not be reached, did not answer within its deadline, or answered against the protocol
+    (malformed, oversized, redirected, an HTTP 5xx, the model gone or swapped mid-run).  Nothing the user typed was
+    wrong, so it is not exit 2: exit 4 says "the other side failed"; ``transient`` says whether a retry may help."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, transient: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
+
+
+class Unreachable(RemoteError):
+    """No connection: refused, reset before an answer, no route, name not resolved."""
+
+
+class DeadlineExceeded(RemoteError):
+    """A request (connect + send + receive, retries included) or the whole check ran past its deadline."""
+
+
+class ProtocolViolation(RemoteError):
+    """The server answered, but not as the Open Inference Protocol says: status, framing, JSON, size, identity."""
+
+
+class OutputContractError(BadInput):
+    """An artifact edgeguard did not make returned something that is not (N, classes) probabilities: non-finite,
+    negative, not summing to 1, or in another datatype or shape than declared (exit 2, like any bad input)."""

@@ -1,7 +1,8 @@
 """The ``edgeguard`` command line: one thin command per stage over the library, one module per command group.
 
 Contract (DESIGN.md): every command takes ``--json PATH``; exit 0 success, 1 a check failed,
-2 bad usage or input, 3 a needed optional backend is missing.  Results go to stdout, progress to
+2 bad usage or input, 3 a needed optional backend is missing, 4 a server could not be reached, timed out or
+misbehaved.  Results go to stdout, progress to
 stderr, and an error is one sentence on stderr -- never a traceback for a user error.
 
 This module is wiring only: the root group, its commands attached with ``cli.add_command``, and :func:`main`.

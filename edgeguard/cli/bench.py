@@ -58,10 +58,9 @@ def bench_cmd(artifacts, batch_sizes, warmup, iterations, device, seed, json_pat
 @click.option("--max-batch", type=int, default=None, help="Largest batch of the optimization profile (default 64).")
 @click.option("--opt-level", "optimization_level", type=int, default=None,
               help="Builder optimization level 0-5 (default 3; 5 for release builds).")
-@SEED
 @JSON_OUT
 def build_engine_cmd(onnx_path, out, fp16, workspace_mib, timing_cache, min_batch, opt_batch, max_batch,
-                     optimization_level, seed, json_path):
+                     optimization_level, json_path):
     """Build a TensorRT engine from an exported ONNX graph, on this machine's GPU (GPU server or Jetson).
 
     Strongly typed by default: INT8 only through the graph's Q/DQ nodes, everything else (the defense head and
@@ -88,9 +87,8 @@ def build_engine_cmd(onnx_path, out, fp16, workspace_mib, timing_cache, min_batc
 @DATA_ROOT
 @SPLIT
 @click.option("--n", "n", type=int, default=None, help="Clean inputs: the first N images of the split (default 256).")
-@SEED
 @JSON_OUT
-def golden_cmd(artifact, out, vault, dataset, data_root, split, n, seed, json_path):
+def golden_cmd(artifact, out, vault, dataset, data_root, split, n, json_path):
     """Record golden outputs of an artifact on CPU (normally the shipped .onnx in ONNX Runtime)."""
     from edgeguard.evaluate.golden import GoldenConfig, record_golden
 
@@ -109,10 +107,9 @@ def golden_cmd(artifact, out, vault, dataset, data_root, split, n, seed, json_pa
 @click.option("--min-top1", type=click.FloatRange(0.0, 1.0), default=None,
               help="Top-1 agreement required (default 0.99 when either side is INT8, else not asserted).")
 @DEVICE
-@SEED
 @JSON_OUT
 @REMOTE
-def golden_check_cmd(artifact, golden, atol, min_top1, device, seed, json_path):
+def golden_check_cmd(artifact, golden, atol, min_top1, device, json_path):
     """Compare an artifact (engine, ONNX, bundle) with golden outputs; exit 1 outside the tolerance."""
     from edgeguard.evaluate.golden import check_golden
 

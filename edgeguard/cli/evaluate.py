@@ -14,7 +14,6 @@ from edgeguard.cli.options import (
     DEVICE,
     JSON_OUT,
     REMOTE,
-    SEED,
     SPLIT,
     KeyValue,
     _data_config,
@@ -69,11 +68,10 @@ class EvaluateCommand(click.Command):
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time a defended artifact against its undefended view at batch 1 and 64.")
 @DEVICE
-@SEED
 @JSON_OUT
 @REMOTE
 def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy, ood_dataset, ood_options, latency, device,
-                 seed, json_path):
+                 json_path):
     """Top-1 accuracy of an artifact on a dataset split, through its Runner.
 
     For an artifact with an output defense it also measures the defense against the artifact's own undefended
@@ -84,5 +82,5 @@ def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy
 
     ood = DataConfig(ood_dataset, options=dict(ood_options)) if ood_dataset else None
     res = evaluate(artifact, _data_config(dataset, data_root, data_options, _default_data(artifact)), split=split,
-                   min_accuracy=min_accuracy, ood=ood, latency=latency, device=device, seed=seed or 0)
+                   min_accuracy=min_accuracy, ood=ood, latency=latency, device=device)
     emit(res, json_path, res.summary())

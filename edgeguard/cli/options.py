@@ -67,20 +67,32 @@ ARTIFACTS = click.argument("artifacts", nargs=-1, required=True, type=ArtifactRe
 
 
 def REMOTE(f):  # noqa: N802 (reads like the other option constants)
-    """``--timeout`` and ``--max-qps`` for an artifact given as a server URL; the command runs inside them."""
+    """``--timeout``, ``--deadline``, ``--max-qps`` and ``--outputs`` for an artifact given as a server URL; the
+    command runs inside them (docs/serving.md: deadlines, the output contract, exit codes)."""
 
     @functools.wraps(f)
-    def wrapper(*args: Any, remote_timeout: float | None = None, max_qps: float | None = None, **kw: Any) -> Any:
+    def wrapper(*args: Any, remote_timeout: float | None = None, remote_deadline: float | None = None,
+                max_qps: float | None = None, remote_outputs: str | None = None, **kw: Any) -> Any:
         from edgeguard.runtime import remote_settings
 
-        with remote_settings(timeout_s=remote_timeout, max_qps=max_qps):
+        with remote_settings(timeout_s=remote_timeout, deadline_s=remote_deadline, max_qps=max_qps,
+                             outputs=remote_outputs):
             return f(*args, **kw)
 
+    wrapper = click.option("--outputs", "remote_outputs", type=click.Choice(["probabilities", "logits"]), default=None,
+                           help="Server URLs only: what the server returns. probabilities (default): every answer "
+                                "must be finite, non-negative and sum to 1; logits: edgeguard applies the softmax.")(wrapper)
     wrapper = click.option("--max-qps", type=click.FloatRange(min=0.0, min_open=True), default=None,
                            help="Server URLs only: at most this many requests per second (be polite to "
                                 "someone else's service).")(wrapper)
+    wrapper = click.option("--deadline", "remote_deadline", type=click.FloatRange(min=0.0, min_open=True), default=None,
+                           help="Server URLs only: seconds the whole check against one server may take (default: "
+                                "its request count + 2, times --timeout).")(wrapper)
     return click.option("--timeout", "remote_timeout", type=click.FloatRange(min=0.0, min_open=True), default=None,
-                        help="Server URLs only: seconds each request may take (default 30).")(wrapper)
+                        help="Server URLs only: seconds each request may take in all: connect, send, receive, "
+                             "retries (default 30).")(wrapper)
+
+
 BUNDLE = click.argument("bundle", type=click.Path(path_type=Path))
 DATASET = click.option("--dataset", type=click.Choice(_registry_names("dataset")), default=None, help="Dataset registry name.")
 DATA_ROOT = click.option("--data-root", type=str, default=None, help="Where the dataset's files are (on-disk formats).")

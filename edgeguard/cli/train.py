@@ -152,10 +152,9 @@ def wrap_summary(res) -> str:
 
 @click.command("info")
 @ARTIFACT
-@SEED
 @JSON_OUT
 @REMOTE
-def info_cmd(artifact, seed, json_path):
+def info_cmd(artifact, json_path):
     """Describe an artifact: backend, precision, defense, input shape, classes, hashes, stages."""
     from edgeguard.api import describe_artifact
 

@@ -13,7 +13,6 @@ from edgeguard.cli.options import (
     DEVICE,
     JSON_OUT,
     REMOTE,
-    SEED,
     SPLIT,
     _data_config,
     emit,
@@ -30,10 +29,9 @@ from edgeguard.cli.options import (
 @DATA_ROOT
 @SPLIT
 @DEVICE
-@SEED
 @JSON_OUT
 @REMOTE
-def verify_cmd(artifacts, vault, alpha, dataset, data_root, split, device, seed, json_path):
+def verify_cmd(artifacts, vault, alpha, dataset, data_root, split, device, json_path):
     """Verify the watermark and the fragile triggers on one or more artifacts, side by side.
 
     Exit 0 only if every part the vault holds passes: watermark present, fragile triggers intact.  Exit 1 when a

@@ -8,6 +8,7 @@ to the exported graph by :func:`edgeguard.export.onnx.export_onnx`, host-side on
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,12 @@ def defense_label(name: str, params: Mapping[str, Any] | None = None) -> str:
 
 
 def make_defense(name: str, params: Mapping[str, Any] | None, ctx: DefenseContext) -> Defense:
+    """The defense built from its parameters and the context; a defense with a ``seed`` parameter that the
+    parameters leave out takes the run's seed (``--seed``), so one seed reproduces (and varies) the whole run."""
+    params = dict(params or {})
     cfg = defense_config(name, params)
+    if cfg is not None and "seed" not in params and any(f.name == "seed" for f in dataclasses.fields(cfg)):
+        cfg = dataclasses.replace(cfg, seed=int(ctx.seed))
     module = DEFENSES.get(name)(cfg, ctx)
     return module.eval()
 

@@ -10,6 +10,7 @@ machine from favouring whichever runner went first.  Ratios are against the firs
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ def bench_runners(runners: list[Runner], cfg: BenchConfig | None = None, *, name
     names = names or [str(r.path) for r in runners]
     rng = np.random.default_rng(cfg.seed)
     rows: list[BenchRow] = []
+    inputs: dict[str, str] = {}  # batch size -> sha256 of the seeded random batch every runner was timed on
     rounds = min(cfg.rounds, cfg.iterations)
     per_round = [cfg.iterations // rounds + (1 if i < cfg.iterations % rounds else 0) for i in range(rounds)]
     total = len(cfg.batch_sizes) * len(runners) * (cfg.warmup + cfg.iterations + rounds * cfg.rewarm)
@@ -97,6 +99,7 @@ def bench_runners(runners: list[Runner], cfg: BenchConfig | None = None, *, name
         for bs in cfg.batch_sizes:
             shape = runners[0].info.input_shape
             x = rng.random((bs, *[d or 32 for d in shape]), dtype=np.float32)
+            inputs[str(bs)] = hashlib.sha256(x.tobytes()).hexdigest()
             times: list[list[float]] = [[] for _ in runners]
             for r in runners:
                 for _ in range(cfg.warmup):
@@ -133,4 +136,4 @@ def bench_runners(runners: list[Runner], cfg: BenchConfig | None = None, *, name
                         ratio_p50=round(p50_first / p50, 3),
                     )
                 )
-    return BenchResult(rows=tuple(rows), config=cfg.to_dict(), machine=machine_info())
+    return BenchResult(rows=tuple(rows), config={**cfg.to_dict(), "inputs_sha256": inputs}, machine=machine_info())

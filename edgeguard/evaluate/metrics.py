@@ -33,6 +33,7 @@ def check_compatible(runner: Runner, data: ImageDataset) -> None:
 def predict_dataset(runner: Runner, data: ImageDataset, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (N, K), labels (N,)) for a whole dataset, in dataset order."""
     check_compatible(runner, data)
+    runner.expect(len(data), batch=batch_size)
     probs, labels = [], []
     for s in range(0, len(data), batch_size):
         x, y = data.tensors(s, s + batch_size)

@@ -406,6 +406,7 @@ def verify(runner, record: dict[str, Any], key: FragileKey) -> FragileVerificati
         raise BadInput(f"{info.path} is a {info.num_classes}-class model taking {list(info.input_shape)}; the fragile "
                        f"enrolment is for a {len(fp['classes'])}-class model taking {fp['input_shape']}")
     kept = np.asarray(record["kept"], dtype=np.int64)
+    runner.expect(len(kept))
     logp = _logp(runner, key.images.numpy()[kept])
     ref = np.asarray(record["reference_labels"])
     got = logp.argmax(1)

@@ -227,6 +227,7 @@ def verify_watermark(runner: Runner, vault: Vault, *, alpha: float | None = None
     alpha = float(alpha if alpha is not None else record.get("alpha", 1e-3))
     if not 0 < alpha < 1:
         raise BadInput("alpha must lie in (0, 1)")
+    runner.expect(len(key))
     preds = runner.predict(key.images.numpy()).argmax(1)
     matches = int(np.sum(preds == key.labels.numpy()))
     n = len(key)

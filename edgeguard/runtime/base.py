@@ -72,6 +72,10 @@ class Runner:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def expect(self, rows: int, *, batch: int | None = None) -> None:
+        """A check says how many images it is about to send (a remote runner derives its whole-check deadline from
+        it); local runners need nothing."""
+
     @property
     def info(self) -> RunnerInfo:
         if self._info is None:

@@ -6,22 +6,40 @@ the input and output tensors, and its config's ``parameters["edgeguard"]`` (writ
 ``export --format triton-repo``) gives the public info (precision, defense, classes, artifact sha256).  A model
 served by someone else has none: its classes are numbered, its precision and defense ``unknown``.
 
-Politeness and failure, client side: every request has a timeout; connection resets, refusals and 502/503/504
-answers are retried ``retries`` times with exponential backoff; ``max_qps`` spaces requests out.  Settings come
-from :func:`remote_settings` (the CLI's ``--timeout`` / ``--max-qps``) and can be overridden per URL with a
-query string (``...?max_qps=5&timeout=10&retries=2``).  ``rows_sent`` counts every image sent.
+The server may be slow, broken or hostile (an owner checks a suspect's API), so, client side:
+
+* **deadlines**: every request has one total deadline (``timeout_s``: connect + send + receive, its retries
+  included) that holds whatever the server does (HTTP: :mod:`edgeguard.runtime.oip_http`; gRPC: the call's own
+  deadline), and each check against an endpoint a whole deadline (``deadline_s``; default derived from the
+  check's request count, see :meth:`RemoteRunner.expect`);
+* **bounded answers**: a body over ``max_response_mb`` is refused before it is read; redirects are not followed;
+* **an output contract**: the declared output is FP32/FP16/FP64 of shape (N, classes); every answer has that
+  datatype and shape, is finite, and -- from a server edgeguard did not set up -- non-negative rows summing to 1
+  within 1e-3, unless ``outputs="logits"`` says it returns logits (the softmax is then applied here, and the
+  runner's details say so).  A violation is an :class:`~edgeguard.errors.OutputContractError` naming the row;
+* **identity**: each answer must name the model asked for, in the version first seen; every ``recheck_every``
+  inference requests the metadata, config and advertised sha256 are read again, and a change stops the check;
+* **failures** are :class:`~edgeguard.errors.RemoteError` (exit 4): unreachable, deadline, protocol violation.
+  Retries (``retries``, exponential backoff from ``backoff_s``) happen only for errors marked transient
+  (connection refused or reset before an answer, HTTP 502/503/504, gRPC UNAVAILABLE), within the deadline.
+
+Settings come from :func:`remote_settings` (the CLI's ``--timeout``, ``--deadline``, ``--max-qps``,
+``--outputs``) and can be overridden per URL with a query string (``...?max_qps=5&timeout=10&retries=2``).
+``rows_sent`` counts every image sent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -29,16 +47,42 @@ from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
-from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.errors import (
+    BackendUnavailable,
+    BadInput,
+    DeadlineExceeded,
+    OutputContractError,
+    ProtocolViolation,
+    RemoteError,
+    Unreachable,
+)
 from edgeguard.runtime.base import DEFAULT_BATCH, Runner, RunnerInfo
+from edgeguard.runtime.graph import PROBE_TOL
+from edgeguard.runtime.oip_http import TRANSIENT_STATUS, HttpClient
 
 SCHEMES = ("http", "https", "grpc")
 PARAMETER = "edgeguard"  # the model config parameter that carries edgeguard's public info (JSON)
 TOKEN_HEADER = "triton-access-token"  # PyTriton's header for its restricted endpoints (statistics)
 TOKEN_ENV = "EDGEGUARD_TRITON_TOKEN"
+OUTPUT_MODES = ("probabilities", "logits")
+NUMERIC = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_TRANSIENT = ("503", "502", "504", "unavailable", "connection reset", "broken pipe", "connection aborted",
-              "remote end closed", "connection refused", "server disconnected", "eof occurred")
+# gRPC status codes (the enum's names, from grpc.StatusCode) -> (error class, transient)
+_GRPC_STATUS = {
+    "UNAVAILABLE": (Unreachable, True),
+    "DEADLINE_EXCEEDED": (DeadlineExceeded, False),
+    "RESOURCE_EXHAUSTED": (ProtocolViolation, False),
+    "NOT_FOUND": (ProtocolViolation, False),
+    "INTERNAL": (ProtocolViolation, False),
+    "UNKNOWN": (ProtocolViolation, False),
+    "UNIMPLEMENTED": (ProtocolViolation, False),
+    "UNAUTHENTICATED": (ProtocolViolation, False),
+    "PERMISSION_DENIED": (ProtocolViolation, False),
+    "INVALID_ARGUMENT": (ProtocolViolation, False),
+    "CANCELLED": (Unreachable, False),
+}
+_GRPC_HTTP = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "PERMISSION_DENIED": 403, "UNAUTHENTICATED": 401,
+              "UNAVAILABLE": 503, "INTERNAL": 500}
 
 
 def is_remote(target: Any) -> bool:
@@ -48,11 +92,15 @@ def is_remote(target: Any) -> bool:
 
 @dataclass(frozen=True)
 class RemoteSettings:
-    timeout_s: float = 30.0  # each request, connect included
+    timeout_s: float = 30.0  # each request's total deadline: connect + send + receive, its retries included
     retries: int = 3  # extra attempts on a transient failure
     backoff_s: float = 0.25  # first wait; doubles per retry
     max_qps: float | None = None  # requests per second, client side; None: as fast as answers come
     access_token: str | None = None  # for PyTriton's restricted endpoints (statistics); env EDGEGUARD_TRITON_TOKEN
+    deadline_s: float | None = None  # a whole check against one endpoint; None: derived from its request count
+    max_response_mb: float = 64.0  # larger answers are refused before they are read
+    outputs: str = "probabilities"  # what the endpoint returns: probabilities (checked) or logits (softmax here)
+    recheck_every: int = 10  # inference requests between re-reads of the model's metadata, config and sha256
 
     def __post_init__(self):
         if not self.timeout_s > 0:
@@ -63,6 +111,14 @@ class RemoteSettings:
             raise BadInput(f"backoff must be >= 0 seconds, got {self.backoff_s}")
         if self.max_qps is not None and not self.max_qps > 0:
             raise BadInput(f"--max-qps must be > 0, got {self.max_qps}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise BadInput(f"--deadline must be > 0 seconds, got {self.deadline_s}")
+        if not self.max_response_mb > 0:
+            raise BadInput(f"max_response_mb must be > 0, got {self.max_response_mb}")
+        if self.outputs not in OUTPUT_MODES:
+            raise BadInput(f"--outputs must be {' or '.join(OUTPUT_MODES)}, got {self.outputs!r}")
+        if self.recheck_every < 1:
+            raise BadInput(f"recheck_every must be >= 1, got {self.recheck_every}")
 
 
 _SETTINGS: ContextVar[RemoteSettings] = ContextVar("edgeguard_remote_settings", default=RemoteSettings())  # noqa: B039 (frozen)
@@ -98,9 +154,23 @@ class Endpoint:
         v = f"/versions/{self.version}" if self.version else ""
         return f"{self.scheme}://{self.address}/v2/models/{self.model}{v}"
 
+    @property
+    def path(self) -> str:
+        v = f"/versions/{self.version}" if self.version else ""
+        return f"/v2/models/{self.model}{v}"
 
-_QUERY = {"timeout": ("timeout_s", float), "retries": ("retries", int), "backoff": ("backoff_s", float),
-          "max_qps": ("max_qps", float)}
+
+def _mode(v: str) -> str:
+    if v not in OUTPUT_MODES:
+        raise ValueError(v)
+    return v
+
+
+_QUERY: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "timeout": ("timeout_s", float), "retries": ("retries", int), "backoff": ("backoff_s", float),
+    "max_qps": ("max_qps", float), "deadline": ("deadline_s", float), "max_response_mb": ("max_response_mb", float),
+    "outputs": ("outputs", _mode), "recheck_every": ("recheck_every", int),
+}
 
 
 def parse_endpoint(url: str) -> Endpoint:
@@ -125,7 +195,8 @@ def parse_endpoint(url: str) -> Endpoint:
         try:
             _QUERY[k][1](v)
         except ValueError:
-            raise BadInput(f"endpoint option {k}={v!r} in {url!r} is not a number") from None
+            what = "is not a number" if _QUERY[k][1] in (int, float) else f"must be one of {', '.join(OUTPUT_MODES)}"
+            raise BadInput(f"endpoint option {k}={v!r} in {url!r} {what}") from None
     default_port = {"http": 80, "https": 443, "grpc": 8001}[parts.scheme]
     return Endpoint(parts.scheme, parts.hostname, port or default_port, m.group(1), m.group(2) or "", query)
 
@@ -137,6 +208,12 @@ def _first_line(text: str) -> str:
         return "no message"
     line = lines[-1] if lines[0].startswith("Traceback") or len(lines) > 1 and "Error" in lines[-1] else lines[0]
     return line[:300]
+
+
+def _names_missing_model(status: int | None, msg: str) -> bool:
+    """An answer that says the model is not there (Triton: HTTP 400 'unknown model'; KServe/MLServer: 404)."""
+    m = msg.lower()
+    return status == 404 or status == 400 and ("unknown model" in m or "not found" in m or "no version" in m)
 
 
 class RemoteRunner(Runner):
@@ -159,68 +236,85 @@ class RemoteRunner(Runner):
         self.rows_sent = 0  # images in those requests
         self.retried = 0  # attempts repeated after a transient failure
         self.public: dict[str, Any] = {}
-        self._client = None
+        self._client: Any = None
         self._grpc = self.endpoint.scheme == "grpc"
         self._next_slot = 0.0
         self._lock = threading.Lock()
+        self._check_end: float | None = None  # the whole check's deadline (time.monotonic)
+        self._check_budget: float | None = None
+        self._identity: str | None = None
+        self._version: str | None = None
+        self._max_batch = 0
 
     # --- connection ----------------------------------------------------------------------------------
     def _connect(self):
+        ep = self.endpoint
+        if not self._grpc:
+            return HttpClient(ep.host, ep.port, tls=ep.scheme == "https",
+                              max_bytes=int(self.settings.max_response_mb * (1 << 20)), where=self.url)
         try:
-            if self._grpc:
-                import tritonclient.grpc as tc
-            else:
-                import tritonclient.http as tc
+            import tritonclient.grpc as tc
             from tritonclient.utils import InferenceServerException
         except ImportError:
             raise BackendUnavailable(
                 f"talking to {self.url} needs tritonclient: pip install 'edgeguard[serve]'") from None
         self._tc = tc
         self._server_error = InferenceServerException
-        ep, t = self.endpoint, self.settings.timeout_s
-        if self._grpc:
-            return tc.InferenceServerClient(url=ep.address)
-        return tc.InferenceServerClient(url=ep.address, connection_timeout=t, network_timeout=t,
-                                        ssl=ep.scheme == "https")
+        limit = int(self.settings.max_response_mb * (1 << 20))
+        return tc.InferenceServerClient(url=ep.address, channel_args=[("grpc.max_receive_message_length", limit)])
 
-    def _headers(self) -> dict[str, str] | None:
+    def _headers(self) -> dict[str, str]:
         if not self.settings.access_token:
-            return None
+            return {}
         key = "triton-grpc-protocol-" + TOKEN_HEADER if self._grpc else TOKEN_HEADER  # Triton's gRPC restriction key
         return {key: self.settings.access_token}
 
-    def _call(self, what: str, fn, *args, retry: bool = True, **kw):
-        """One request with the timeout, bounded retries with backoff on transient failures, and the QPS limit."""
-        if self._grpc:
-            kw["client_timeout"] = self.settings.timeout_s
+    # --- deadlines and retries -----------------------------------------------------------------------
+    def expect(self, rows: int, *, batch: int | None = None) -> None:
+        """A check announces how many images it will send (in batches of at most ``batch``); the whole-check
+        deadline is ``--deadline`` or, by default, (its requests + 2) x the per-request deadline (plus the
+        ``--max-qps`` spacing), counted from now."""
+        if self.settings.deadline_s is not None:
+            budget = self.settings.deadline_s
+        else:
+            per = min(b for b in (batch or self.batch_size, self._max_batch or self.batch_size, self.batch_size) if b > 0)
+            requests = math.ceil(max(int(rows), 1) / max(per, 1))
+            requests += 2 + 2 * (requests // self.settings.recheck_every)  # identity re-checks
+            budget = requests * self.settings.timeout_s + (requests / self.settings.max_qps if self.settings.max_qps else 0)
+        self._check_budget = budget
+        self._check_end = time.monotonic() + budget
+
+    def _call(self, what: str, fn: Callable[[float], Any], *, retry: bool = True) -> Any:
+        """``fn(deadline)`` with the per-request deadline (inside the check's), retried on transient failures."""
+        self._pace()
+        now = time.monotonic()
+        end = now + self.settings.timeout_s
+        if self._check_end is not None:
+            if now >= self._check_end:
+                raise DeadlineExceeded(f"the check against {self.url} did not finish within its deadline of "
+                                       f"{self._check_budget:g} s (--deadline); {self.requests} inference "
+                                       f"request(s) answered")
+            end = min(end, self._check_end)
         attempts = 1 + (self.settings.retries if retry else 0)
         for attempt in range(attempts):
-            self._pace()
             try:
-                return fn(*args, **kw)
-            except self._server_error as e:
-                msg = _first_line(e.message() if hasattr(e, "message") and e.message() else str(e))
-                status = str(e.status() or "") if hasattr(e, "status") else ""
-                transient = any(s in (status + " " + msg).lower() for s in _TRANSIENT)
-                if "deadline" in (status + msg).lower():
-                    raise BadInput(f"{self.url} did not answer {what} within {self.settings.timeout_s:g} s") from None
-                if not transient:
-                    raise BadInput(f"{self.url} refused {what}: {msg}") from None
-                err = msg
-            except BaseException as e:  # socket errors, gevent timeouts (a BaseException), resets
-                if isinstance(e, KeyboardInterrupt | SystemExit):
-                    raise
-                name = type(e).__name__
-                text = f"{name}: {e}".lower()
-                if "timeout" in text or "timed out" in text:
-                    raise BadInput(f"{self.url} did not answer {what} within {self.settings.timeout_s:g} s") from None
-                if not isinstance(e, OSError | ConnectionError) and not any(s in text for s in _TRANSIENT):
-                    raise BadInput(f"{self.url} failed {what}: {name}: {str(e)[:200]}") from None
-                err = f"{name}: {str(e)[:200]}" if str(e) else name
-            if attempt + 1 < attempts:
+                return fn(end)
+            except DeadlineExceeded:
+                if self._check_end is not None and end >= self._check_end:
+                    raise DeadlineExceeded(f"the check against {self.url} did not finish within its deadline of "
+                                           f"{self._check_budget:g} s (--deadline); {self.requests} inference "
+                                           f"request(s) answered") from None
+                raise DeadlineExceeded(f"{self.url} did not answer {what} within {self.settings.timeout_s:g} s "
+                                       f"(--timeout: connect + send + receive, retries included)") from None
+            except RemoteError as e:
+                wait = self.settings.backoff_s * (2**attempt)
+                if not e.transient or attempt + 1 >= attempts or time.monotonic() + wait >= end:
+                    kind = "cannot reach" if isinstance(e, Unreachable) else "failed"
+                    raise type(e)(f"{kind} {self.url} ({what}): {e} after {attempt + 1} attempt(s)",
+                                  transient=e.transient, status=e.status) from None
                 self.retried += 1
-                time.sleep(self.settings.backoff_s * (2**attempt))
-        raise BadInput(f"cannot reach {self.url} ({what}): {err} after {attempts} attempt(s)")
+                time.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _pace(self) -> None:
         qps = self.settings.max_qps
@@ -233,12 +327,49 @@ class RemoteRunner(Runner):
         if wait > 0:
             time.sleep(wait)
 
+    # --- one request per protocol ----------------------------------------------------------------------
+    def _http(self, method: str, path: str, what: str, *, body: bytes = b"", headers: dict | None = None,
+              retry: bool = True):
+        """(answer, status): an HTTP request under the deadline; statuses mapped to error classes."""
+
+        def go(end: float):
+            a = self._client.request(method, path, body=body, headers={**self._headers(), **(headers or {})},
+                                     deadline=end, what=what)
+            if 200 <= a.status < 300:
+                return a
+            if 300 <= a.status < 400:
+                raise ProtocolViolation(f"answered with a redirect (HTTP {a.status} to "
+                                        f"{a.headers.get('location', '?')[:120]}); redirects are not followed",
+                                        status=a.status)
+            try:
+                msg = _first_line(json.loads(a.body.decode("utf-8")).get("error") or a.reason)
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                msg = _first_line(a.body.decode("utf-8", "replace")[:300] or a.reason)
+            raise ProtocolViolation(f"HTTP {a.status}: {msg}", status=a.status,
+                                    transient=a.status in TRANSIENT_STATUS)
+
+        return self._call(what, go, retry=retry)
+
+    def _grpc_call(self, what: str, method: str, *args: Any, retry: bool = True, **kw: Any):
+        def go(end: float):
+            try:
+                return getattr(self._client, method)(*args, headers=self._headers() or None,
+                                                     client_timeout=max(end - time.monotonic(), 1e-3), **kw)
+            except self._server_error as e:
+                code = str(e.status() or "").rsplit(".", 1)[-1]
+                cls, transient = _GRPC_STATUS.get(code, (ProtocolViolation, False))
+                msg = _first_line(e.message() if e.message() else str(e))
+                raise cls(f"{code or 'error'}: {msg}", transient=transient, status=_GRPC_HTTP.get(code)) from None
+
+        return self._call(what, go, retry=retry)
+
     # --- Runner ----------------------------------------------------------------------------------------
     def _open_impl(self) -> RunnerInfo:
         self._client = self._connect()
         ep = self.endpoint
+        self._max_batch = 0
         try:
-            meta, config = self._read_model()
+            meta, config = self._read_model(opening=True)
         except BaseException:
             self._close_client()
             raise
@@ -258,12 +389,15 @@ class RemoteRunner(Runner):
         if not outputs:
             raise BadInput(f"{self.url} declares no output")
         out = outputs[names.index("probabilities")] if "probabilities" in names else outputs[0]
+        if out.get("datatype") not in NUMERIC:
+            raise OutputContractError(f"{self.url} declares its output {out.get('name')!r} as {out.get('datatype')}; "
+                                      f"a classifier's output must be {', '.join(NUMERIC)}")
         out_shape = [int(d) for d in out.get("shape", [])]
         if out_shape[-1:] and out_shape[-1] > 1:
             k = out_shape[-1]
         else:
-            raise BadInput(f"{self.url} output {out.get('name')!r} has shape {out_shape}; expected N x classes")
-        self._input_name, self._output_name = inp.get("name"), out.get("name")
+            raise OutputContractError(f"{self.url} output {out.get('name')!r} has shape {out_shape}; expected N x classes")
+        self._input_name, self._output_name, self._out_dtype = inp.get("name"), out.get("name"), out["datatype"]
         self._max_batch = max_batch
         if max_batch > 0:
             self.batch_size = min(self.batch_size, max_batch)
@@ -275,7 +409,12 @@ class RemoteRunner(Runner):
         if pub.get("input_shape"):
             c_h_w = tuple(pub["input_shape"])
         defense = pub.get("defense") or {}
-        self._softmax = None if pub.get("output") == "probabilities" else "auto"
+        self._classes = k
+        self._declared = pub.get("output") == "probabilities"  # edgeguard set this server up
+        if self._declared and self.settings.outputs == "logits":
+            raise BadInput(f"{self.url} is an edgeguard server and declares probabilities; --outputs logits does "
+                           "not apply to it")
+        self._outputs = self.settings.outputs
         # The numerics are the server's: an edgeguard server publishes the backend and device that compute the
         # answers (what a fragile enrolment compares); the transport is in the details.
         return RunnerInfo(
@@ -294,42 +433,66 @@ class RemoteRunner(Runner):
                 ("platform", meta.get("platform") or config.get("backend") or ""),
                 ("max_batch_size", max_batch),
                 ("edgeguard_version", pub.get("version")),
+                ("outputs", "logits: the softmax is applied by edgeguard" if self._outputs == "logits"
+                 else "probabilities (checked on every answer)"),
             ),
         )
 
-    def _read_model(self) -> tuple[dict, dict]:
-        ep, c = self.endpoint, self._client
+    def _read_model(self, *, opening: bool = False) -> tuple[dict, dict]:
+        ep = self.endpoint
         try:
             if self._grpc:
-                meta = self._call("a metadata request", c.get_model_metadata, ep.model, ep.version, as_json=True,
-                                  headers=self._headers())
-                config = self._call("a config request", c.get_model_config, ep.model, ep.version, as_json=True,
-                                    headers=self._headers()).get("config", {})
+                meta = self._grpc_call("a metadata request", "get_model_metadata", ep.model, ep.version, as_json=True)
+                config = self._grpc_call("a config request", "get_model_config", ep.model, ep.version,
+                                         as_json=True).get("config", {})
             else:
-                meta = self._call("a metadata request", c.get_model_metadata, ep.model, ep.version,
-                                  headers=self._headers())
-                config = self._call("a config request", c.get_model_config, ep.model, ep.version,
-                                    headers=self._headers())
-        except BadInput as e:
-            text = str(e).lower()
-            if "unknown model" in text or "not found" in text or "no version" in text:
-                raise BadInput(f"the server at {ep.address} has no model {ep.model!r}"
-                               f"{' version ' + ep.version if ep.version else ''}") from None
+                meta = self._http("GET", ep.path, "a metadata request").json("a metadata request", self.url)
+                try:
+                    config = self._http("GET", ep.path + "/config", "a config request").json("a config request",
+                                                                                         self.url)
+                except ProtocolViolation as e:
+                    if e.status not in (400, 404, 501):  # KServe / MLServer have no config endpoint
+                        raise
+                    config = {}
+        except RemoteError as e:
+            if _names_missing_model(e.status, str(e)):
+                if opening:
+                    raise BadInput(f"the server at {ep.address} has no model {ep.model!r}"
+                                   f"{' version ' + ep.version if ep.version else ''}") from None
+                raise ProtocolViolation(f"the model {ep.model!r} disappeared from the server at {ep.address} "
+                                        "mid-run; the check stopped", status=e.status) from None
             raise
+        if not isinstance(meta, dict) or not isinstance(config, dict):
+            raise ProtocolViolation(f"{self.url} answered its metadata or config with JSON that is not an object")
         raw = ((config.get("parameters") or {}).get(PARAMETER) or {}).get("string_value")
+        public = {}
         if raw:
             try:
-                self.public = json.loads(raw)
+                public = json.loads(raw)
             except json.JSONDecodeError:
                 raise BadInput(f"{self.url} carries a malformed edgeguard parameter (not JSON)") from None
-        if not self._model_ready():
-            raise BadInput(f"the model {ep.model!r} at {ep.address} is not ready")
+        identity = hashlib.sha256(json.dumps([meta, config], sort_keys=True, default=str).encode()).hexdigest()
+        if opening:
+            self.public, self._identity = public, identity
+            if not self._model_ready():
+                raise BadInput(f"the model {ep.model!r} at {ep.address} is not ready")
+        elif identity != self._identity:
+            what = "advertised sha256" if public.get("sha256") != self.public.get("sha256") else "metadata or config"
+            raise ProtocolViolation(f"the model behind {self.url} changed mid-run (its {what} differs from when the "
+                                    f"check began, after {self.requests} inference requests); the check stopped")
         return meta, config
 
     def _model_ready(self) -> bool:
         ep = self.endpoint
-        return bool(self._call("a readiness request", self._client.is_model_ready, ep.model, ep.version,
-                               headers=self._headers()))
+        if self._grpc:
+            return bool(self._grpc_call("a readiness request", "is_model_ready", ep.model, ep.version))
+        try:
+            self._http("GET", ep.path + "/ready", "a readiness request")
+        except ProtocolViolation as e:
+            if e.status is not None and 400 <= e.status < 500 or e.status == 503:
+                return False
+            raise
+        return True
 
     def _predict_impl(self, x: np.ndarray) -> np.ndarray:
         cap = self._max_batch or len(x) or 1  # callers may ask for larger batches than the server's max_batch_size
@@ -338,43 +501,144 @@ class RemoteRunner(Runner):
         return self._request(x)
 
     def _request(self, x: np.ndarray) -> np.ndarray:
-        tc, ep = self._tc, self.endpoint
-        inp = tc.InferInput(self._input_name, list(x.shape), "FP32")
-        if self._grpc:
-            inp.set_data_from_numpy(x)
-        else:
-            inp.set_data_from_numpy(x, binary_data=True)
-        outs = [tc.InferRequestedOutput(self._output_name, binary_data=True)] if not self._grpc else \
-            [tc.InferRequestedOutput(self._output_name)]
-        result = self._call("an inference request", self._client.infer, ep.model, [inp], model_version=ep.version,
-                            outputs=outs, headers=self._headers())
+        if self.requests and self.requests % self.settings.recheck_every == 0:
+            self._read_model()
+        try:
+            out, name, version, dtype, shape = (self._infer_grpc if self._grpc else self._infer_http)(x)
+        except RemoteError as e:
+            if _names_missing_model(e.status, str(e)):
+                raise ProtocolViolation(f"the model {self.endpoint.model!r} disappeared from the server at "
+                                        f"{self.endpoint.address} mid-run ({e}); the check stopped") from None
+            raise
         self.requests += 1
         self.rows_sent += len(x)
-        out = result.as_numpy(self._output_name)
-        if out is None:
-            raise BadInput(f"{self.url} answered without its output {self._output_name!r}")
-        out = np.asarray(out, dtype=np.float32).reshape(len(x), -1)
-        if self._softmax == "auto" and out.size and (out.min() < 0 or np.abs(out.sum(1) - 1).max() > 1e-3):
-            z = out - out.max(axis=1, keepdims=True)  # a foreign server answering logits
-            e = np.exp(z)
-            out = e / e.sum(axis=1, keepdims=True)
-        return out
+        if name and name != self.endpoint.model:
+            raise ProtocolViolation(f"{self.url} answered for another model ({name!r})")
+        if version:
+            if self._version is None:
+                self._version = version
+            elif version != self._version:
+                raise ProtocolViolation(f"the model behind {self.url} changed mid-run (version {self._version} -> "
+                                        f"{version} after {self.requests - 1} inference requests); the check stopped")
+        return self._contract(out, dtype, shape, len(x))
+
+    def _infer_http(self, x: np.ndarray):
+        ep = self.endpoint
+        header = {"inputs": [{"name": self._input_name, "shape": list(x.shape), "datatype": "FP32",
+                              "parameters": {"binary_data_size": int(x.nbytes)}}],
+                  "outputs": [{"name": self._output_name, "parameters": {"binary_data": True}}]}
+        j = json.dumps(header).encode()
+        a = self._http("POST", ep.path + "/infer", "an inference request", body=j + np.ascontiguousarray(x).tobytes(),
+                       headers={"Content-Type": "application/octet-stream",
+                                "Inference-Header-Content-Length": str(len(j))})
+        n_json = a.headers.get("inference-header-content-length")
+        try:
+            n = int(n_json) if n_json is not None else len(a.body)
+            if not 0 <= n <= len(a.body):
+                raise ValueError
+            doc = json.loads(a.body[:n].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolViolation(f"{self.url} answered an inference request with a malformed body") from None
+        outs = doc.get("outputs") if isinstance(doc, dict) else None
+        if not isinstance(outs, list):
+            raise ProtocolViolation(f"{self.url} answered an inference request without an outputs list")
+        offset, found = n, None
+        for o in outs:
+            size = int(((o.get("parameters") or {}).get("binary_data_size")) or 0) if isinstance(o, dict) else 0
+            if isinstance(o, dict) and o.get("name") == self._output_name:
+                found = (o, a.body[offset : offset + size] if size else None)
+            offset += size
+        if found is None:
+            raise OutputContractError(f"{self.url} answered without its output {self._output_name!r}")
+        o, blob = found
+        dtype, shape = str(o.get("datatype")), o.get("shape")
+        if dtype not in NUMERIC:
+            raise OutputContractError(f"{self.url} answered its output {self._output_name!r} as {dtype}; declared "
+                                      f"{self._out_dtype}")
+        if blob is not None:
+            if offset > len(a.body):
+                raise ProtocolViolation(f"{self.url} answered with {len(a.body) - n} bytes of tensor data where its "
+                                        f"header announces {offset - n}")
+            arr = np.frombuffer(blob, dtype=np.dtype(NUMERIC[dtype]).newbyteorder("<"))
+        else:
+            data = o.get("data")
+            if not isinstance(data, list) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                     for v in data):
+                raise OutputContractError(f"{self.url} answered its output {self._output_name!r} with data that are "
+                                          f"not {dtype} numbers")
+            arr = np.asarray(data, dtype=np.float64)
+        return arr, doc.get("model_name"), str(doc.get("model_version") or ""), dtype, shape
+
+    def _infer_grpc(self, x: np.ndarray):
+        tc, ep = self._tc, self.endpoint
+        inp = tc.InferInput(self._input_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = self._grpc_call("an inference request", "infer", ep.model, [inp], model_version=ep.version,
+                                 outputs=[tc.InferRequestedOutput(self._output_name)])
+        o = result.get_output(self._output_name)  # the protobuf message (its as_json form drops the tensor)
+        if o is None:
+            raise OutputContractError(f"{self.url} answered without its output {self._output_name!r}")
+        dtype = str(o.datatype)
+        if dtype not in NUMERIC:
+            raise OutputContractError(f"{self.url} answered its output {self._output_name!r} as {dtype}; declared "
+                                      f"{self._out_dtype}")
+        resp = result.get_response()
+        return (np.asarray(result.as_numpy(self._output_name)), resp.model_name, str(resp.model_version or ""),
+                dtype, [int(d) for d in o.shape])
+
+    def _contract(self, arr: np.ndarray, dtype: str, shape: Any, n: int) -> np.ndarray:
+        """The output contract (module docstring) on one answer; returns (n, classes) float32 probabilities."""
+        k = self._classes
+        where = f"{self.url} (inference request {self.requests})"
+        if dtype != self._out_dtype:
+            raise OutputContractError(f"{where} answered {dtype} where its metadata declares {self._out_dtype}")
+        if not isinstance(shape, list) or [int(d) for d in shape] != [n, k] or arr.size != n * k:
+            raise OutputContractError(f"{where} answered shape {shape} ({arr.size} values) for {n} images; expected "
+                                      f"[{n}, {k}]")
+        y = arr.reshape(n, k).astype(np.float64)
+        finite = np.isfinite(y).all(1)
+        if not finite.all():
+            r = int(np.flatnonzero(~finite)[0])
+            raise OutputContractError(f"{where}: row {r} is not finite ({y[r][~np.isfinite(y[r])][0]}); a classifier "
+                                      "returns finite numbers")
+        if self._outputs == "logits":
+            z = np.exp(y - y.max(1, keepdims=True))
+            return (z / z.sum(1, keepdims=True)).astype(np.float32)
+        neg = np.flatnonzero((y < -PROBE_TOL).any(1))
+        big = np.flatnonzero((y > 1 + PROBE_TOL).any(1))
+        off = np.flatnonzero(np.abs(y.sum(1) - 1) > PROBE_TOL) if not self._declared else np.array([], int)
+        # an edgeguard server may round its probabilities (the rounding defense): only [0, 1] is checked there
+        bad = sorted(int(v[0]) for v in (neg, big, off) if len(v))
+        if bad:
+            r = bad[0]
+            why = (f"has a negative entry ({y[r].min():.4g})" if r in neg else
+                   f"has an entry above 1 ({y[r].max():.4g})" if r in big else f"sums to {y[r].sum():.4g}")
+            hint = "; if the server returns logits, pass --outputs logits (edgeguard then applies the softmax)"
+            raise OutputContractError(f"{where}: row {r} {why}; probabilities must be non-negative and sum to 1 "
+                                      f"within {PROBE_TOL:g}" + ("" if self._declared else hint))
+        return y.astype(np.float32)
 
     def server_statistics(self) -> dict[str, int] | None:
         """Triton's own counters for this model (rows inferred, batches executed, requests ok/failed); None when
         the server keeps them behind a token this client does not have."""
-        ep, c = self.endpoint, self._client if self._client is not None else self._connect()
+        ep = self.endpoint
+        opened_here = self._client is None
+        if opened_here:
+            self._client = self._connect()
         try:
-            kw = {"as_json": True} if self._grpc else {}
-            stats = self._call("a statistics request", c.get_inference_statistics, ep.model, ep.version,
-                               headers=self._headers(), retry=False, **kw)
-        except BadInput as e:
-            if any(w in str(e).lower() for w in ("restricted", "access", "forbidden", "unauthor")):
+            if self._grpc:
+                stats = self._grpc_call("a statistics request", "get_inference_statistics", ep.model, ep.version,
+                                        as_json=True, retry=False)
+            else:
+                stats = self._http("GET", ep.path + "/stats", "a statistics request",
+                                   retry=False).json("a statistics request", self.url)
+        except ProtocolViolation as e:
+            if e.status in (401, 403):
                 return None
             raise
         finally:
-            if self._client is None:
-                c.close()
+            if opened_here:
+                self._close_client()
         rows = (stats.get("model_stats") or [{}])
         s = rows[0] if rows else {}
         inf = s.get("inference_stats") or {}
@@ -393,6 +657,7 @@ class RemoteRunner(Runner):
 
     def _close_impl(self) -> None:
         self._close_client()
+        self._check_end = None
 
 
 __all__ = ["Endpoint", "RemoteRunner", "RemoteSettings", "is_remote", "parse_endpoint", "remote_settings"]

@@ -35,7 +35,8 @@ def test_settings_come_from_the_context_and_the_url():
         r = RemoteRunner("http://127.0.0.1:1/v2/models/m?retries=0")
     assert (r.settings.timeout_s, r.settings.max_qps, r.settings.retries) == (3.0, 2.0, 0)
     assert RemoteRunner("http://127.0.0.1:1/v2/models/m").settings == RemoteSettings()
-    for kw in ({"timeout_s": 0}, {"retries": -1}, {"max_qps": 0.0}):
+    for kw in ({"timeout_s": 0}, {"retries": -1}, {"max_qps": 0.0}, {"deadline_s": 0}, {"outputs": "scores"},
+               {"max_response_mb": 0}, {"recheck_every": 0}):
         with pytest.raises(BadInput):
             RemoteSettings(**kw)
 
@@ -44,7 +45,7 @@ def test_unreachable_server_fails_within_its_retries(capsys):
     import time
 
     t0 = time.perf_counter()
-    assert main(["evaluate", "http://127.0.0.1:9/v2/models/m?retries=1&backoff=0.05", "--timeout", "2"]) == 2
+    assert main(["evaluate", "http://127.0.0.1:9/v2/models/m?retries=1&backoff=0.05", "--timeout", "2"]) == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach" in err[0] and "after 2 attempt(s)" in err[0]
     assert time.perf_counter() - t0 < 10
@@ -67,7 +68,7 @@ def no_module(monkeypatch):
 
 def test_missing_extras_exit_3(no_module, tiny_onnx, capsys):
     no_module("tritonclient", "pytriton")
-    assert main(["evaluate", "http://127.0.0.1:9/v2/models/m"]) == 3
+    assert main(["evaluate", "grpc://127.0.0.1:9/v2/models/m"]) == 3  # HTTP needs no extra: edgeguard's own client
     assert main(["serve", str(tiny_onnx)]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("pip install 'edgeguard[serve]'" in line for line in err)

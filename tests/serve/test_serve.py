@@ -24,7 +24,7 @@ pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
 
 from edgeguard.cli import main  # noqa: E402
-from edgeguard.errors import BadInput  # noqa: E402
+from edgeguard.errors import BadInput, RemoteError  # noqa: E402
 from edgeguard.runtime import open_runner, remote_settings  # noqa: E402
 from edgeguard.serve import ServeConfig, ServerProcess, free_ports  # noqa: E402
 
@@ -150,14 +150,14 @@ def test_sigterm_mid_load_ends_every_call_and_the_server(protected, tmp_path, di
         with remote_settings(timeout_s=5.0, retries=1, backoff_s=0.1):
             try:
                 r = open_runner(url)
-            except BadInput as e:
+            except (BadInput, RemoteError) as e:
                 outcomes.append((f"open: {e}", 0.0))
                 return
             while not stop.is_set():
                 t0 = time.perf_counter()
                 try:
                     r.predict(x)
-                except BadInput as e:
+                except RemoteError as e:  # the server went away: exit 4's class, never a bad-input error
                     outcomes.append((str(e), time.perf_counter() - t0))
                     break
             r.close()
@@ -206,8 +206,9 @@ def test_serve_bad_input_is_one_sentence(protected, tmp_path):
 def test_remote_bad_input_is_one_sentence(server, protected, tmp_path, capsys):
     http, grpc = server.ready["http"], server.ready["grpc"]
     dead = f"http://127.0.0.1:{free_ports(1)[0]}/v2/models/m"
+    assert main(["evaluate", dead, "--timeout", "2"]) == 4  # the server failed, not the user
+    assert "cannot reach" in capsys.readouterr().err
     cases = [
-        (["evaluate", dead, "--timeout", "2"], "cannot reach"),
         (["evaluate", http.replace("/models/m", "/models/nope")], "has no model 'nope'"),
         (["evaluate", grpc.replace("/models/m", "/models/nope")], "has no model 'nope'"),
         (["evaluate", "http://127.0.0.1:8000/v1/models/m"], "no model path"),

@@ -122,6 +122,7 @@ def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: Extr
         raise BadInput(f"--reference must be a local artifact, not a URL: {reference}")
     with open_runner(artifact) as victim:
         info = victim.info
+        victim.expect(cfg.budget, batch=1)  # the attack may query one image at a time
         before = victim.server_statistics() if remote else None
         if tuple(test.info.input_shape) != tuple(info.input_shape) or test.num_classes != info.num_classes:
             raise BadInput(f"the evaluation set {test.info.name!r} ({test.num_classes} classes, {test.info.input_shape}) "
