@@ -59,3 +59,7 @@ class ProtocolViolation(RemoteError):
 class OutputContractError(BadInput):
     """An artifact edgeguard did not make returned something that is not (N, classes) probabilities: non-finite,
     negative, not summing to 1, or in another datatype or shape than declared (exit 2, like any bad input)."""
+
+
+class ServerExited(RemoteError):
+    """``edgeguard serve``: the Triton Inference Server it runs died (killed, crashed) instead of being stopped."""

@@ -55,6 +55,28 @@ def clean_view(proto, logits: str = LOGITS):
     return proto
 
 
+def contract_violation(y: np.ndarray, *, probabilities: bool = True, sums: bool = True) -> str | None:
+    """The output contract of an artifact edgeguard did not make, on one answer (N, classes): every entry finite,
+    and, when it returns ``probabilities``, in [0, 1] with rows summing to 1 within PROBE_TOL (``sums=False``:
+    [0, 1] only).  None when it holds, else what is wrong with the first bad row."""
+    y = np.asarray(y, dtype=np.float64)
+    finite = np.isfinite(y).all(1)
+    if not finite.all():
+        r = int(np.flatnonzero(~finite)[0])
+        return f"row {r} is not finite ({y[r][~np.isfinite(y[r])][0]})"
+    if not probabilities:
+        return None
+    neg = np.flatnonzero((y < -PROBE_TOL).any(1))
+    big = np.flatnonzero((y > 1 + PROBE_TOL).any(1))
+    off = np.flatnonzero(np.abs(y.sum(1) - 1) > PROBE_TOL) if sums else np.array([], int)
+    bad = sorted(int(v[0]) for v in (neg, big, off) if len(v))
+    if not bad:
+        return None
+    r = bad[0]
+    return (f"row {r} has a negative entry ({y[r].min():.4g})" if r in neg else
+            f"row {r} has an entry above 1 ({y[r].max():.4g})" if r in big else f"row {r} sums to {y[r].sum():.4g}")
+
+
 def probe_outputs(y: np.ndarray) -> tuple[str, str]:
     """("probabilities" | "logits", why): probabilities when every row is non-negative and sums to 1."""
     sums = y.sum(1)

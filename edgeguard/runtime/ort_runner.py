@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.errors import BackendUnavailable, BadInput, OutputContractError
 from edgeguard.fileio import sha256_file
 from edgeguard.runtime.base import Runner, RunnerInfo
-from edgeguard.runtime.graph import clean_view, probe_outputs
+from edgeguard.runtime.graph import clean_view, contract_violation, probe_outputs
 from edgeguard.runtime.metadata import decode
 
 PROVIDERS = {
@@ -92,6 +92,7 @@ class OrtRunner(Runner):
         if meta.get("output", "") != "probabilities":
             self.outputs_detected, self.outputs_reason = self._probe(shape)
         self._softmax = self.outputs_detected == "logits"
+        self._foreign = not meta
         defense = meta.get("defense", {"name": "none"})
         if self.undefended:
             defense = {"name": "none"}
@@ -155,6 +156,12 @@ class OrtRunner(Runner):
         out = outs[0]
         if len(outs) > 1:
             self.flagged += int(np.count_nonzero(outs[1]))
+        if self._foreign:  # a graph edgeguard did not make: its answers are held to the output contract
+            bad = contract_violation(out, probabilities=not self._softmax)
+            if bad:
+                raise OutputContractError(
+                    f"{self.path} broke the output contract: {bad}; it was probed as returning {self.outputs_detected}"
+                    + (" (every probe row was a distribution), so every answer must be one" if not self._softmax else ""))
         if self._softmax:
             z = out - out.max(axis=1, keepdims=True)
             e = np.exp(z)

@@ -57,7 +57,7 @@ from edgeguard.errors import (
     Unreachable,
 )
 from edgeguard.runtime.base import DEFAULT_BATCH, Runner, RunnerInfo
-from edgeguard.runtime.graph import PROBE_TOL
+from edgeguard.runtime.graph import PROBE_TOL, contract_violation
 from edgeguard.runtime.oip_http import TRANSIENT_STATUS, HttpClient
 
 SCHEMES = ("http", "https", "grpc")
@@ -596,25 +596,17 @@ class RemoteRunner(Runner):
             raise OutputContractError(f"{where} answered shape {shape} ({arr.size} values) for {n} images; expected "
                                       f"[{n}, {k}]")
         y = arr.reshape(n, k).astype(np.float64)
-        finite = np.isfinite(y).all(1)
-        if not finite.all():
-            r = int(np.flatnonzero(~finite)[0])
-            raise OutputContractError(f"{where}: row {r} is not finite ({y[r][~np.isfinite(y[r])][0]}); a classifier "
-                                      "returns finite numbers")
         if self._outputs == "logits":
+            bad = contract_violation(y, probabilities=False)
+            if bad:
+                raise OutputContractError(f"{where}: {bad}; a classifier returns finite numbers")
             z = np.exp(y - y.max(1, keepdims=True))
             return (z / z.sum(1, keepdims=True)).astype(np.float32)
-        neg = np.flatnonzero((y < -PROBE_TOL).any(1))
-        big = np.flatnonzero((y > 1 + PROBE_TOL).any(1))
-        off = np.flatnonzero(np.abs(y.sum(1) - 1) > PROBE_TOL) if not self._declared else np.array([], int)
         # an edgeguard server may round its probabilities (the rounding defense): only [0, 1] is checked there
-        bad = sorted(int(v[0]) for v in (neg, big, off) if len(v))
+        bad = contract_violation(y, sums=not self._declared)
         if bad:
-            r = bad[0]
-            why = (f"has a negative entry ({y[r].min():.4g})" if r in neg else
-                   f"has an entry above 1 ({y[r].max():.4g})" if r in big else f"sums to {y[r].sum():.4g}")
             hint = "; if the server returns logits, pass --outputs logits (edgeguard then applies the softmax)"
-            raise OutputContractError(f"{where}: row {r} {why}; probabilities must be non-negative and sum to 1 "
+            raise OutputContractError(f"{where}: {bad}; probabilities must be finite, non-negative and sum to 1 "
                                       f"within {PROBE_TOL:g}" + ("" if self._declared else hint))
         return y.astype(np.float32)
 

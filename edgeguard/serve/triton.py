@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from edgeguard.config import Config, require
-from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.errors import BackendUnavailable, BadInput, ServerExited
 from edgeguard.export.triton_repo import check_model_settings
 from edgeguard.fileio import atomic_write_bytes
 from edgeguard.progress import log
@@ -225,9 +225,10 @@ def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str |
         if ready is not None:
             ready(record)
         while not stop.wait(0.2):
-            if not triton.is_alive():
-                stopped_by[0] = "server exited: " + (_log_tail(log_path) or "see the Triton log")
-                break
+            if not triton.is_alive():  # killed, crashed, out of memory: not a clean stop, so not exit 0
+                raise ServerExited(f"Triton Inference Server exited unexpectedly while serving {artifact} "
+                                   f"({_log_tail(log_path) or 'no message in its log'}); serve stopped and "
+                                   "cleaned up its processes")
     finally:
         if triton is not None:
             with contextlib.suppress(Exception):

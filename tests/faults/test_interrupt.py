@@ -176,3 +176,28 @@ def test_two_trains_into_one_out_leave_one_whole_bundle(work):
     winners = [json.loads((work / f"r{s}.json").read_text())["sha256"] for s, rc in zip((1, 2), rcs, strict=True) if rc == 0]
     assert survivor in winners  # the survivor is one of the two runs, whole, not a mix
     assert _tmp_siblings(out) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_network_request_ends_with_one_line(sig):
+    """Mid-flight: a server (tests/faults/oip_server.py) has the request and never answers; the signal ends the
+    command at once, with no thread or connection left to wait for."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from oip_server import OipServer
+
+    with OipServer("never") as srv:
+        p = subprocess.Popen([sys.executable, "-m", "edgeguard", "-q", "evaluate", srv.url, "--timeout", "60"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        end = time.monotonic() + 60
+        while srv.infers == 0 and time.monotonic() < end and p.poll() is None:
+            time.sleep(0.05)
+        assert srv.infers == 1, "the request never reached the server"
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=20)
+        took = time.monotonic() - t0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == EXIT[sig], err
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("edgeguard: "), err
+    assert took < 5, took

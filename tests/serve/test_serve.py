@@ -231,3 +231,74 @@ def test_max_qps_spaces_requests(server, digits_test):
         r.predict(x)
         took = time.perf_counter() - t0
     assert r.requests == 10 and took >= 9 / 20.0 - 0.02, took
+
+
+def test_serve_under_pressure_then_tritonserver_killed(protected, digits_test):
+    """32 concurrent clients for 30 s, then tritonserver SIGKILLed under them: every call ends within its deadline
+    with a RemoteError (exit 4's class), a CLI client exits 4 with one line, serve exits 4 with one sentence and
+    leaves no process behind; a restarted server answers again."""
+    srv = Server(protected[0])
+    url = srv.ready["http"]
+    x = digits_test.images[:8].numpy()
+    timeout = 5.0
+    ok, errors, calls_after = [0] * 32, [], []
+    killed_at: list[float] = []
+    done = threading.Event()
+
+    def client(i):
+        with remote_settings(timeout_s=timeout, retries=1, backoff_s=0.1), open_runner(url) as r:
+            while not done.is_set():
+                t0 = time.monotonic()
+                try:
+                    r.predict(x)
+                    ok[i] += 1
+                except RemoteError as e:
+                    errors.append((i, type(e).__name__, time.monotonic() - t0, str(e)))
+                    return
+                except Exception as e:  # anything else is a bug
+                    errors.append((i, type(e).__name__, time.monotonic() - t0, str(e)))
+                    return
+                if killed_at:
+                    calls_after.append(time.monotonic() - t0)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(32)]
+    for t in threads:
+        t.start()
+    cli = subprocess.Popen([sys.executable, "-m", "edgeguard", "-q", "evaluate", url, "--dataset", "mnist5k",
+                            "--data-option", "size=32", "--timeout", str(timeout)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(30)
+    assert sum(ok) > 100 and all(ok), ok  # every client was served under load
+    assert not errors, errors[:3]
+    tritons = [c for c in tritonservers_of(srv.proc.pid) if _cmdline_has(Path(f"/proc/{c}"), b"tritonserver")]
+    assert tritons, "no tritonserver child found"
+    for pid in tritons:
+        os.kill(pid, 9)
+    killed_at.append(time.monotonic())
+    for t in threads:
+        t.join(timeout=3 * timeout)
+    done.set()
+    assert not any(t.is_alive() for t in threads), "a client call hung past its deadline"
+    assert len(errors) == 32 and {e[1] for e in errors} <= {"Unreachable", "DeadlineExceeded", "ProtocolViolation"}, \
+        errors[:3]
+    assert max(e[2] for e in errors) <= timeout + 1.0, sorted(e[2] for e in errors)[-3:]
+    out, err = cli.communicate(timeout=60)
+    if cli.returncode != 0:  # it may have finished its 5,000 images before the kill
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert cli.returncode == 4 and len(lines) == 1 and "Traceback" not in err, (cli.returncode, err)
+    rc = srv.proc.wait(timeout=30)
+    serve_err = srv.proc.stderr.read()
+    lines = [ln for ln in serve_err.splitlines() if ln.strip()]
+    assert rc == 4 and "Traceback" not in serve_err, (rc, serve_err[-2000:])
+    assert lines and "exited unexpectedly" in lines[-1], lines[-3:]
+    srv.stop()
+    time.sleep(0.5)
+    prefix = f"pytrtion{srv.proc.pid}-".encode()
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, prefix)]
+    assert not left, "a Python-backend stub outlived serve"
+    again = Server(protected[0])
+    try:
+        with open_runner(again.ready["http"]) as r:
+            assert r.predict(x).shape == (8, 10)
+    finally:
+        assert again.stop() < 10 and again.proc.returncode == 0
