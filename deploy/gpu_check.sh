@@ -7,8 +7,10 @@
 #   probe      GPU, driver, CUDA, torch, ONNX Runtime providers, TensorRT and libnvinfer on this machine
 #   install    a venv (system site packages, so the host's CUDA torch is used) with edgeguard and tensorrt +
 #              cuda-python from the registry, or from the wheels in $EDGEGUARD_WHEELS (offline hosts)
-#   artifacts  demo CNN and ResNet-18 on digits, watermarked; FP32, INT8-QDQ (tensorrt target) and
-#              heuristic-defended INT8 ONNX; CPU goldens (ONNX Runtime) with the vault's triggers
+#   artifacts  demo CNN and ResNet-18 on digits, watermarked; FP32, INT8-QDQ (tensorrt target), heuristic-defended
+#              INT8 and FP32, ModelGuard-W, MagicGuard-guarded and gaussian-defended FP32 ONNX; CPU goldens (ONNX
+#              Runtime) with the vault's triggers.  The gaussian head draws noise per query and TensorRT ignores its
+#              seed: its engine gets a statistical check (accuracy within 2 points of the ONNX file), not goldens
 #   engines    per ONNX: build (strongly typed; FP16 too on TensorRT 10), golden-check, verify watermark and
 #              fragile triggers (enrolled on the engine), attack extract (budget 500) through the TrtRunner
 #   bench      ORT-CPU vs ORT-CUDA vs TRT FP16 vs TRT INT8 at batch 1 and 64

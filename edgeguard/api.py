@@ -174,7 +174,7 @@ def evaluate(
     """Accuracy of ``artifact`` on ``data``; for a defended artifact also the defense against its undefended view
     (agreement, L1 on the split and on ``ood``, and, with ``latency``, the overhead at batch 1 and 64)."""
     acc = evaluate_artifact(artifact, data, split=split, min_accuracy=min_accuracy, device=device)
-    if acc.artifact["defense"] == "none" or artifact_kind(artifact) == "remote":  # a URL has no undefended view
+    if acc.artifact["defense"] == "none" or artifact_kind(artifact) != ".onnx":  # only a graph has an undefended view
         return EvaluationResult(acc)
     bench = BenchConfig(batch_sizes=(1, 64), warmup=5, iterations=60, seed=seed) if latency else None
     return EvaluationResult(acc, evaluate_defense(artifact, data, split=split, ood=ood, bench=bench, device=device))

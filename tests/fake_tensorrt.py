@@ -2,7 +2,13 @@
 
 It records what the build code asks of TensorRT (network flags, builder flags, layer precisions, profile, timing
 cache) and refuses what the real version would not have: on the 11.x flavour the removed ``BuilderFlag`` members
-(FP16, INT8, OBEY/PREFER_PRECISION_CONSTRAINTS) do not exist, as in the 11.4 bindings.  The "plan" is a small JSON
+(FP16, INT8, OBEY/PREFER_PRECISION_CONSTRAINTS) do not exist, as in the 11.4 bindings.  Its ONNX parser enforces
+the documented rules the project relies on (docs/tensorrt.md, "What the fake enforces"), returning False with
+errors as the real ``parse_from_file`` does: INT8 Q/DQ only, zero points 0 (symmetric), scales all positive, a
+per-channel scale as long as its axis, opset >= 9 (<= 25 on 11.x).  Its network has no layer for a Constant node,
+adds helper layers without ONNX metadata (a cast after TopK / ArgMax indices, a shuffle after Softmax), and types
+outputs as TensorRT does (TopK values FLOAT and indices INT32, comparisons BOOL, Shape INT64).  The execution
+context's ``set_input_shape`` returns False for a shape outside the profile, as the binding does.  The "plan" is a small JSON
 naming the ONNX file; the fake engine runs it with ONNX Runtime on CPU through fake device memory (real host
 addresses, copied with ctypes), so the runner's buffer handling, batch splitting and padding run for real.
 Nothing here says anything about real TensorRT numerics.
@@ -57,14 +63,37 @@ def make_tensorrt(version: str = "10.3.0.26"):
         def __init__(self, name, dtype):
             self.name, self.dtype = name, dtype
 
+    cast_types = {1: dt.FLOAT, 10: dt.HALF, 6: dt.INT32, 7: dt.INT64, 3: dt.INT8, 9: dt.BOOL}
+
+    def out_types(node):
+        op = node.op_type
+        if op == "TopK":
+            return [dt.FLOAT, dt.INT32]  # ITopKLayer: values, INT32 indices
+        if op == "ArgMax":
+            return [dt.INT32]
+        if op in ("Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN"):
+            return [dt.BOOL]
+        if op == "Shape":
+            return [dt.INT64]
+        if op == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), 1)
+            return [cast_types.get(to, dt.FLOAT)]
+        return [dt.FLOAT] * len(node.output)
+
     class Layer:
-        def __init__(self, i, node):
-            self.name = f"(Unnamed Layer* {i}) [{node.op_type}]"  # the parser's naming when a node makes helpers
-            self.metadata = f"[ONNX Layer: {node.name}]"
-            out_dt = dt.INT64 if node.op_type in ("ArgMax", "Shape", "TopK") else dt.FLOAT
-            self._outputs = [Tensor(o, out_dt) for o in node.output]
+        def __init__(self, name, metadata, inputs, outputs):
+            self.name, self.metadata = name, metadata
+            self._inputs = [Tensor(n, None) for n in inputs]
+            self._outputs = outputs
             self.precision = None
             self.output_types = {}
+
+        @property
+        def num_inputs(self):
+            return len(self._inputs)
+
+        def get_input(self, k):
+            return self._inputs[k]
 
         @property
         def num_outputs(self):
@@ -75,6 +104,64 @@ def make_tensorrt(version: str = "10.3.0.26"):
 
         def set_output_type(self, j, t):
             self.output_types[j] = t
+
+    def layers_of(proto):
+        """One layer per node except Constants (they become weights), plus the parser's helper layers."""
+        consts = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node if n.op_type == "Constant"
+                                                             for o in n.output}
+        meta_of = calls.get("metadata_format", "[ONNX Layer: {}]")
+        layers = []
+
+        def add(kind, meta, inputs, outputs):
+            layers.append(Layer(f"(Unnamed Layer* {len(layers)}) [{kind}]", meta,
+                                [i for i in inputs if i and i not in consts], outputs))
+
+        for node in proto.graph.node:
+            if node.op_type == "Constant":
+                continue
+            types = out_types(node)
+            meta = meta_of.format(node.name)
+            if node.op_type == "Softmax":  # softmax over the last axis, then a shuffle the parser adds
+                add("Softmax", meta, node.input, [Tensor(node.output[0] + "__pre", dt.FLOAT)])
+                add("Shuffle", "", [node.output[0] + "__pre"], [Tensor(node.output[0], dt.FLOAT)])
+            elif node.op_type in ("TopK", "ArgMax"):  # TensorRT's INT32 indices, cast to ONNX's INT64 by a helper
+                idx = len(types) - 1
+                outs = [Tensor(o if j != idx else o + "__i32", t) for j, (o, t) in enumerate(zip(node.output, types, strict=True))]
+                add(node.op_type, meta, node.input, outs)
+                add("Cast", "", [node.output[idx] + "__i32"], [Tensor(node.output[idx], dt.INT64)])
+            else:
+                add(node.op_type, meta, node.input, [Tensor(o, t) for o, t in zip(node.output, types, strict=True)])
+        return layers
+
+    def parser_errors(proto):
+        """The documented rules of TensorRT's ONNX parser this project relies on (docs/tensorrt.md)."""
+        from onnx import TensorProto, numpy_helper
+
+        errs = []
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < 9 or (major >= 11 and opset > 25):
+            errs.append(f"Unsupported ONNX opset {opset} (the parser supports opset 9 and above"
+                        + (", up to 25)" if major >= 11 else ")"))
+        inits = {i.name: i for i in proto.graph.initializer}
+        for n in proto.graph.node:
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            scale = numpy_helper.to_array(inits[n.input[1]]) if n.input[1] in inits else None
+            zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            if zp is not None and zp.data_type != TensorProto.INT8:
+                errs.append(f"{n.name}: {n.op_type} zero point of type {TensorProto.DataType.Name(zp.data_type)}; "
+                            "only INT8 quantization is supported")
+            elif zp is not None and numpy_helper.to_array(zp).any():
+                errs.append(f"{n.name}: {n.op_type} zero point must be 0 (TensorRT quantization is symmetric)")
+            if scale is not None and not (scale > 0).all():
+                errs.append(f"{n.name}: Assertion failed: scaleAllPositive && \"Scale coefficients must all be positive\"")
+            if scale is not None and scale.size > 1:
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                x = inits.get(n.input[0])
+                if x is not None and (axis >= len(x.dims) or x.dims[axis] != scale.size):
+                    errs.append(f"{n.name}: per-channel scale of {scale.size} values does not match axis {axis} of "
+                                f"the input {list(x.dims)}")
+        return errs
 
     class Network:
         def __init__(self, flags):
@@ -97,9 +184,12 @@ def make_tensorrt(version: str = "10.3.0.26"):
             import onnx
 
             proto = onnx.load(path, load_external_data=False)
-            self.network.layers = [Layer(i, n) for i, n in enumerate(proto.graph.node)]
-            self.network.onnx_path = path
             calls["parsed"].append(path)
+            self.errors = parser_errors(proto)
+            if self.errors:
+                return False  # the real parser returns False and keeps the errors (it does not raise)
+            self.network.layers = layers_of(proto)
+            self.network.onnx_path = path
             return True
 
         @property
@@ -134,6 +224,12 @@ def make_tensorrt(version: str = "10.3.0.26"):
 
         def get_flag(self, flag):
             return flag in self.flags
+
+        def clear_flag(self, flag):
+            if flag is None:
+                raise TypeError("clear_flag(): incompatible function arguments")
+            self.flags.discard(flag)
+            calls.setdefault("cleared", set()).add(next(k for k, v in flags.items() if v == flag))
 
         def create_timing_cache(self, data):
             return TimingCache(data)
@@ -175,8 +271,9 @@ def make_tensorrt(version: str = "10.3.0.26"):
 
         def build_serialized_network(self, network, config):
             calls["opt_level"] = config.builder_optimization_level
-            calls["pinned"] = {lay.metadata: (lay.precision, dict(lay.output_types),
-                                              any(t.dtype == dt.FLOAT for t in lay._outputs)) for lay in network.layers}
+            calls["pinned"] = {lay.name: (lay.metadata, lay.precision, dict(lay.output_types),
+                                          any(t.dtype == dt.FLOAT for t in lay._outputs)) for lay in network.layers}
+            calls["tf32_at_build"] = flags["TF32"] in config.flags
             (name, shapes), = config.profiles[0].shapes.items()
             body = {"onnx": network.onnx_path, "input": name, "profile": [list(s) for s in shapes]}
             return PLAN_MAGIC + json.dumps(body).encode()
@@ -189,8 +286,10 @@ def make_tensorrt(version: str = "10.3.0.26"):
 
         def set_input_shape(self, name, shape):
             lo, _, hi = self.engine.profile
-            if not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
-                raise RuntimeError(f"shape {shape} outside the profile {lo}..{hi}")
+            calls.setdefault("shapes_set", []).append(tuple(shape))
+            if tuple(shape) in calls.get("refuse_shapes", ()) or not all(
+                    a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
+                return False  # the binding reports a refused shape by its return value, not an exception
             self.shapes[name] = tuple(shape)
             return True
 
@@ -285,16 +384,30 @@ def make_cudart(*, devices: int = 1, name: str = "Fake Orin", cc: tuple[int, int
             return 101, None
         return 0, types.SimpleNamespace(name=name.encode(), major=cc[0], minor=cc[1])
 
+    rt.pinned = {}
+    rt.copies = []  # (kind, stream, whether the host side is page-locked)
+
     def malloc(n):
         buf = np.zeros(int(n), np.uint8)
         rt.memory[buf.ctypes.data] = buf
+        return 0, buf.ctypes.data
+
+    def malloc_host(n):
+        buf = np.zeros(int(n), np.uint8)
+        rt.pinned[buf.ctypes.data] = buf
         return 0, buf.ctypes.data
 
     def free(ptr):
         rt.memory.pop(int(ptr), None)
         return (0,)
 
+    def free_host(ptr):
+        rt.pinned.pop(int(ptr), None)
+        return (0,)
+
     def memcpy(dst, src, n, kind, stream):
+        host = int(src) if kind == 1 else int(dst)
+        rt.copies.append((kind, stream, any(p <= host < p + b.nbytes for p, b in rt.pinned.items())))
         ctypes.memmove(int(dst), int(src), int(n))
         return (0,)
 
@@ -302,6 +415,8 @@ def make_cudart(*, devices: int = 1, name: str = "Fake Orin", cc: tuple[int, int
     rt.cudaGetDeviceProperties = get_props
     rt.cudaMalloc = malloc
     rt.cudaFree = free
+    rt.cudaMallocHost = malloc_host
+    rt.cudaFreeHost = free_host
     rt.cudaMemcpyAsync = memcpy
     rt.cudaStreamCreate = lambda: (0, 7)
     rt.cudaStreamSynchronize = lambda s: (0,)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from edgeguard.runtime.metadata import decode
 DEFENSE_PREFIX = "defense/"  # edgeguard.export.heads.PREFIX
 ENGINE_SUFFIXES = (".engine", ".plan")
 DEFAULT_OPT_BATCH = 8
+WEAK_TYPING_DEPRECATED = (10, 12)  # BuilderFlag FP16/INT8 and precision constraints: deprecated from this version
 DEFAULT_MAX_BATCH = 64
 
 
@@ -73,8 +74,9 @@ class OnnxFacts:
     has_qdq: bool
     precision: str
     output: str  # "probabilities" or "logits"
-    fp32_nodes: tuple[str, ...]  # defense head + MagicGuard nodes (kept FP32)
+    fp32_nodes: tuple[str, ...]  # defense head + MagicGuard nodes (kept FP32); Constants make no layer, so none
     metadata: dict[str, Any]
+    node_ops: dict[str, str] = field(default_factory=dict)  # fp32 node -> its op type
 
 
 def inspect_onnx(path: str | Path) -> OnnxFacts:
@@ -110,7 +112,9 @@ def inspect_onnx(path: str | Path) -> OnnxFacts:
     ends_in_softmax = any(n.op_type == "Softmax" and out0 in n.output for n in g.node)
     output = "probabilities" if meta.get("output") == "probabilities" or ends_in_softmax else "logits"
     guard = meta.get("magicguard") if isinstance(meta.get("magicguard"), dict) else {}
-    fp32 = [n.name for n in g.node if n.name.startswith(DEFENSE_PREFIX)] + [str(n) for n in guard.get("nodes", [])]
+    listed = {str(n) for n in guard.get("nodes", [])}
+    ops = {n.name: n.op_type for n in g.node}
+    fp32 = [n.name for n in g.node if (n.name.startswith(DEFENSE_PREFIX) or n.name in listed) and n.op_type != "Constant"]
     return OnnxFacts(
         input_name=inputs[0].name,
         batch_dim=dims[0],
@@ -121,6 +125,7 @@ def inspect_onnx(path: str | Path) -> OnnxFacts:
         output=output,
         fp32_nodes=tuple(dict.fromkeys(fp32)),
         metadata=meta,
+        node_ops={n: ops[n] for n in fp32},
     )
 
 
@@ -140,17 +145,27 @@ def resolve_profile(batch_dim: int | None, cfg: EngineConfig) -> tuple[int, int,
     return lo, opt, hi
 
 
-_ONNX_LAYER = re.compile(r"\[ONNX Layer: (.*)\]")
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: (.*?)\]")
+# ops whose layers carry no float precision or that the parser may fold away: a pinned node of these kinds may have no
+# layer of its own without leaving FP32 math unpinned
+_NO_FLOAT_MATH = frozenset({"Constant", "Identity", "Shape", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast",
+                            "Gather", "Concat", "Slice", "Expand", "Greater", "Less", "Equal", "GreaterOrEqual",
+                            "LessOrEqual", "Not", "And", "Or", "ArgMax", "ConstantOfShape"})
 
 
 def layer_node(layer_name: str, metadata: str, nodes: set[str]) -> str | None:
     """The ONNX node (from ``nodes``) a parsed TensorRT layer came from, or None.
 
     The ONNX parser names a layer after its node (``node``, then ``node_1``, ... when one node makes several
-    layers) and, on TensorRT 10+, writes ``[ONNX Layer: node]`` into the layer's metadata; both are read.  Any layer
-    of a ``defense/`` node counts, listed or not."""
+    layers) and, on TensorRT 10+, writes ``[ONNX Layer: node]`` into the layer's metadata -- for a node inside an
+    ONNX local function, the call path ``caller/.../node``, so every tail of the path is tried.  Any layer of a
+    ``defense/`` node counts, listed or not."""
+    candidates = []
     m = _ONNX_LAYER.search(metadata or "")
-    candidates = [m.group(1)] if m else []
+    if m:
+        path = m.group(1).strip()
+        parts = path.split("/")
+        candidates += [path] + ["/".join(parts[i:]) for i in range(1, len(parts))]
     candidates.append(layer_name)
     base = re.sub(r"_\d+$", "", layer_name)
     if base != layer_name:
@@ -161,14 +176,41 @@ def layer_node(layer_name: str, metadata: str, nodes: set[str]) -> str | None:
     return None
 
 
-def _pin_fp32(trt, network, nodes: tuple[str, ...]) -> list[str]:
-    """Weakly typed builds: set precision and float output types of the listed nodes' layers to FP32."""
-    wanted, pinned = set(nodes), []
+def _inputs(layer) -> list[str]:
+    names = []
+    for k in range(int(getattr(layer, "num_inputs", 0) or 0)):
+        t = layer.get_input(k)
+        if t is not None:
+            names.append(t.name)
+    return names
+
+
+def _pin_fp32(trt, network, nodes: tuple[str, ...], node_ops: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Weakly typed builds: set precision and float output types of the listed nodes' layers to FP32.
+
+    The parser also adds helper layers with no ONNX metadata (casts, shuffles); one whose every input comes from a
+    pinned layer is inside the pinned region and is pinned too.  Returns (pinned layers, helper layers among them);
+    a listed node doing float math that no layer carries is refused (its math would run in FP16)."""
+    wanted, pinned, helpers = set(nodes), [], []
     floats = {trt.DataType.FLOAT, getattr(trt.DataType, "HALF", None), getattr(trt.DataType, "BF16", None)}
+    produced_by: dict[str, int] = {}
+    pinned_idx: set[int] = set()
+    covered: set[str] = set()
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer_node(layer.name, str(getattr(layer, "metadata", "") or ""), wanted) is None:
+        meta = str(getattr(layer, "metadata", "") or "")
+        node = layer_node(layer.name, meta, wanted)
+        helper = False
+        if node is None and not _ONNX_LAYER.search(meta):
+            ins = [produced_by[t] for t in _inputs(layer) if t in produced_by]
+            helper = bool(ins) and all(j in pinned_idx for j in ins)
+        for j in range(layer.num_outputs):
+            produced_by[layer.get_output(j).name] = i
+        if node is None and not helper:
             continue
+        if node is not None:
+            covered.add(node)
+        pinned_idx.add(i)
         outs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in floats]
         if not outs:
             continue  # shape / index / boolean layers carry no float precision
@@ -176,7 +218,14 @@ def _pin_fp32(trt, network, nodes: tuple[str, ...]) -> list[str]:
         for j in outs:
             layer.set_output_type(j, trt.DataType.FLOAT)
         pinned.append(layer.name)
-    return pinned
+        if helper:
+            helpers.append(layer.name)
+    missing = [n for n in nodes if n not in covered and (node_ops or {}).get(n, "") not in _NO_FLOAT_MATH]
+    if missing:
+        raise CheckFailed(f"the FP32 pinning of an FP16 build would not cover {len(missing)} node(s) doing float math "
+                          f"({', '.join(missing[:3])}): no TensorRT layer carries their ONNX names; build without "
+                          "--fp16 (a strongly typed engine keeps them FP32 by the graph's types)")
+    return pinned, helpers
 
 
 @dataclass(frozen=True)
@@ -204,6 +253,14 @@ def _flag(trt, name: str):
     return getattr(trt.BuilderFlag, name, None)
 
 
+def _version(trt) -> tuple[int, int]:
+    parts = (str(trt.__version__).split(".") + ["0"])[:2]
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return (0, 0)
+
+
 def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | None = None) -> EngineResult:
     """Build ``out`` (a ``.engine``/``.plan``) and ``out.json`` from an ONNX graph on this machine's GPU."""
     cfg = cfg or EngineConfig()
@@ -217,10 +274,11 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | Non
     trt = trt_env.import_tensorrt("build a TensorRT engine")
     env = trt_env.environment(trt)  # BackendUnavailable without a CUDA GPU
     major = trt_env.trt_major(trt)
-    if cfg.fp16 and _flag(trt, "FP16") is None:
+    if cfg.fp16 and (_flag(trt, "FP16") is None or _version(trt) >= WEAK_TYPING_DEPRECATED):
         raise BackendUnavailable(
-            f"TensorRT {trt.__version__} has no FP16 builder flag (removed in TensorRT 11); build an FP16 engine from "
-            "an FP16 ONNX graph (ModelOpt AutoCast) without --fp16, or use TensorRT 10.x")
+            f"TensorRT {trt.__version__} takes FP16 from the graph's types only (the weakly typed FP16/INT8 builder flags "
+            "and precision constraints are deprecated since 10.12 and removed in 11): build an FP16 engine from an "
+            "FP16 ONNX graph (ModelOpt AutoCast) without --fp16, or use TensorRT 10.3-10.11 (JetPack 6: 10.3)")
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -245,7 +303,8 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | Non
         config.set_flag(_flag(trt, "FP16"))
         if facts.has_qdq:  # a weakly typed network runs Q/DQ only with INT8 enabled (spec 5.2)
             config.set_flag(_flag(trt, "INT8"))
-        pinned = _pin_fp32(trt, network, facts.fp32_nodes)
+        pinned, helpers = _pin_fp32(trt, network, facts.fp32_nodes, facts.node_ops)
+        flags["fp32_helper_layers"] = len(helpers)
         if pinned:
             obey = _flag(trt, "OBEY_PRECISION_CONSTRAINTS") or _flag(trt, "PREFER_PRECISION_CONSTRAINTS")
             if obey is None:
@@ -253,8 +312,12 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | Non
                                          "build without --fp16")
             config.set_flag(obey)
             flags["precision_constraints"] = "obey" if obey == _flag(trt, "OBEY_PRECISION_CONSTRAINTS") else "prefer"
+    # TensorRT enables TF32 for FP32 Conv/Gemm by default: an "fp32" engine would compute with a 10-bit mantissa
+    # (probabilities move by up to 7.5e-3 on a MagicGuard graph, past the 1e-3 golden tolerance).  Cleared.
     tf32 = _flag(trt, "TF32")
-    flags["tf32"] = bool(config.get_flag(tf32)) if tf32 is not None and hasattr(config, "get_flag") else None
+    if tf32 is not None:
+        config.clear_flag(tf32)
+    flags["tf32"] = bool(config.get_flag(tf32)) if tf32 is not None else None
 
     c, h, w = facts.chw
     profile = builder.create_optimization_profile()

@@ -4,10 +4,13 @@ Opening checks, in order: the file exists (exit 2); tensorrt imports and a CUDA 
 manifest ``MODEL.engine.json`` is beside it, the engine's sha256 is the recorded one, and the TensorRT version and
 compute capability match this machine (exit 2 with a rebuild hint, *before* ``deserialize_cuda_engine``).
 
-Prediction: the input shape is set per call and a batch larger than the optimization profile's maximum is split
-(a batch below its minimum is padded).  Device buffers are torch CUDA tensors when torch sees the GPU, else
-cuda-python allocations made once at the profile's maximum batch (the Jetson path: no torch wheel needed).  The
-output is turned into probabilities as the ONNX runner does: an engine whose graph ends in logits gets a softmax.
+Prediction: the input shape is set per call (``set_input_shape`` answers False, not an exception, for a shape the
+profile refuses: checked) and a batch larger than the optimization profile's maximum is split (a batch below its
+minimum is padded).  The runner works on its own CUDA stream with page-locked host buffers, as TensorRT's samples
+do (the default stream synchronises with every other stream; pageable copies are staged and synchronous): torch
+CUDA tensors and a ``torch.cuda.Stream`` when torch sees the GPU, else cuda-python allocations made once at the
+profile's maximum batch (``cudaMalloc`` + ``cudaMallocHost``; the Jetson path: no torch wheel needed).  The output is
+turned into probabilities as the ONNX runner does: an engine whose graph ends in logits gets a softmax.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class TrtRunner(Runner):
         super().__init__(path, **kw)
         self.manifest: dict = {}
         self._buffers: dict[str, int] = {}
+        self._host: dict[str, int] = {}  # page-locked host buffers (cuda-python path)
 
     def _open_impl(self) -> RunnerInfo:
         if not self.path.is_file():
@@ -86,7 +90,11 @@ class TrtRunner(Runner):
         self._lo, self._hi = int(lo[0]), int(hi[0])
         self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
         self._use_torch = self._torch_cuda()
-        if not self._use_torch:
+        if self._use_torch:
+            import torch
+
+            self._torch_stream = torch.cuda.Stream()
+        else:
             self._alloc_cuda_python(tuple(int(d) for d in hi))
         meta = m.get("metadata") or {}
         self._softmax = m.get("output", meta.get("output")) != "probabilities"
@@ -136,48 +144,69 @@ class TrtRunner(Runner):
                                      "(pip install 'edgeguard[trt]')") from None
         self._cudart = cudart
         ctx = self._context
-        ctx.set_input_shape(self._input, max_in)
+        self._set_shape(max_in)
         err, self._stream = cudart.cudaStreamCreate()
         _cuda_ok(err)
         for name in [self._input, *self._all_outputs]:
             shape = max_in if name == self._input else tuple(ctx.get_tensor_shape(name))
-            nbytes = int(np.prod(shape)) * self._dtypes[name].itemsize
-            err, ptr = cudart.cudaMalloc(max(nbytes, 1))
+            nbytes = max(int(np.prod(shape)) * self._dtypes[name].itemsize, 1)
+            err, ptr = cudart.cudaMalloc(nbytes)
             _cuda_ok(err)
             self._buffers[name] = ptr
-            ctx.set_tensor_address(name, int(ptr))
+            err, host = cudart.cudaMallocHost(nbytes)
+            _cuda_ok(err)
+            self._host[name] = host
+            if not ctx.set_tensor_address(name, int(ptr)):
+                raise CheckFailed(f"TensorRT refused the device buffer of {name!r} for {self.path}")
+
+    def _set_shape(self, shape: tuple[int, ...]) -> None:
+        """``set_input_shape`` returns False (it does not raise) for a shape outside the profile."""
+        if not self._context.set_input_shape(self._input, tuple(int(d) for d in shape)):
+            raise BadInput(f"TensorRT refused the input shape {tuple(shape)} for {self.path} (its profile takes "
+                           f"batches {self._lo}..{self._hi} of {tuple(self.manifest['profile']['max'][1:])})")
 
     def _run_cuda_python(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        import ctypes
+
         cudart, ctx = self._cudart, self._context
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _cuda_ok(cudart.cudaMemcpyAsync(self._buffers[self._input], x.ctypes.data, x.nbytes, h2d, self._stream)[0])
+        ctypes.memmove(self._host[self._input], x.ctypes.data, x.nbytes)  # into page-locked memory, then async
+        _cuda_ok(cudart.cudaMemcpyAsync(self._buffers[self._input], self._host[self._input], x.nbytes, h2d,
+                                        self._stream)[0])
         if not ctx.execute_async_v3(int(self._stream)):
             raise CheckFailed(f"TensorRT failed to run {self.path}")
+        shapes = {name: tuple(ctx.get_tensor_shape(name)) for name in self._outputs}
+        for name in self._outputs:
+            nbytes = int(np.prod(shapes[name])) * self._dtypes[name].itemsize
+            _cuda_ok(cudart.cudaMemcpyAsync(self._host[name], self._buffers[name], nbytes, d2h, self._stream)[0])
+        _cuda_ok(cudart.cudaStreamSynchronize(self._stream)[0])
         outs = {}
         for name in self._outputs:
-            arr = np.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtypes[name])
-            _cuda_ok(cudart.cudaMemcpyAsync(arr.ctypes.data, self._buffers[name], arr.nbytes, d2h, self._stream)[0])
+            arr = np.empty(shapes[name], dtype=self._dtypes[name])
+            ctypes.memmove(arr.ctypes.data, self._host[name], arr.nbytes)
             outs[name] = arr
-        _cuda_ok(cudart.cudaStreamSynchronize(self._stream)[0])
         return outs
 
     # --- torch CUDA tensors as buffers --------------------------------------------------------------------
     def _run_torch(self, x: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
-        ctx = self._context
-        inp = torch.from_numpy(x).to("cuda")
-        ctx.set_tensor_address(self._input, inp.data_ptr())
-        tensors = {}
-        for name in self._all_outputs:
-            dt = torch.from_numpy(np.empty(0, dtype=self._dtypes[name])).dtype
-            tensors[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dt, device="cuda")
-            ctx.set_tensor_address(name, tensors[name].data_ptr())
-        stream = torch.cuda.current_stream()
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise CheckFailed(f"TensorRT failed to run {self.path}")
+        ctx, stream = self._context, self._torch_stream
+        with torch.cuda.stream(stream):  # the runner's own stream, page-locked host copies both ways
+            inp = torch.from_numpy(x).pin_memory().to("cuda", non_blocking=True)
+            ctx.set_tensor_address(self._input, inp.data_ptr())
+            tensors = {}
+            for name in self._all_outputs:
+                dt = torch.from_numpy(np.empty(0, dtype=self._dtypes[name])).dtype
+                tensors[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dt, device="cuda")
+                ctx.set_tensor_address(name, tensors[name].data_ptr())
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise CheckFailed(f"TensorRT failed to run {self.path}")
+            host = {n: torch.empty(tensors[n].shape, dtype=tensors[n].dtype, pin_memory=True) for n in self._outputs}
+            for n in self._outputs:
+                host[n].copy_(tensors[n], non_blocking=True)
         stream.synchronize()
-        return {n: tensors[n].cpu().numpy() for n in self._outputs}
+        return {n: host[n].numpy() for n in self._outputs}
 
     def _predict_impl(self, x: np.ndarray) -> np.ndarray:
         parts = []
@@ -186,7 +215,7 @@ class TrtRunner(Runner):
             if rows > len(chunk):
                 chunk = np.concatenate([chunk, np.zeros((rows - len(chunk), *chunk.shape[1:]), chunk.dtype)])
             chunk = np.ascontiguousarray(chunk, dtype=self._dtypes[self._input])
-            self._context.set_input_shape(self._input, chunk.shape)
+            self._set_shape(chunk.shape)
             outs = self._run_torch(chunk) if self._use_torch else self._run_cuda_python(chunk)
             n = e - s
             if FLAG_OUTPUT in outs:
@@ -198,7 +227,9 @@ class TrtRunner(Runner):
     def _close_impl(self) -> None:
         for ptr in self._buffers.values():
             self._cudart.cudaFree(ptr)
-        self._buffers = {}
+        for ptr in self._host.values():
+            self._cudart.cudaFreeHost(ptr)
+        self._buffers, self._host = {}, {}
         if getattr(self, "_stream", None) is not None:
             self._cudart.cudaStreamDestroy(self._stream)
             self._stream = None

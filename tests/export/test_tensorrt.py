@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from edgeguard.cli import main
-from edgeguard.errors import BackendUnavailable, BadInput
+from edgeguard.errors import BackendUnavailable, BadInput, CheckFailed
 from edgeguard.export.tensorrt import EngineConfig, build_engine, inspect_onnx, layer_node, resolve_profile
 from edgeguard.runtime.trt_env import manifest_path
 
@@ -183,7 +183,7 @@ def test_trt11_refuses_fp16_flag_and_writes_nothing(capsys, tmp_path, tiny_onnx,
     trt, _ = fake_trt("11.4.0.106")
     rc, _, err = run(capsys, "build-engine", tiny_onnx, "--out", tmp_path / "m.engine", "--fp16")
     assert rc == 3
-    assert "removed in TensorRT 11" in one_error(err)
+    assert "removed in 11" in one_error(err)
     assert list(tmp_path.iterdir()) == [] and trt.calls["create_network"] == []
 
 
@@ -193,13 +193,17 @@ def test_fp16_trt10_pins_defense_layers_to_fp32(tmp_path, defended_onnx, fake_tr
     assert trt.calls["create_network"] == [0]  # weakly typed
     assert trt.calls["flags"] == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
     pinned = trt.calls["pinned"]
-    head = {md for md in pinned if md.startswith("[ONNX Layer: defense/")}
+    head = {name for name, (md, *_) in pinned.items() if md.startswith("[ONNX Layer: defense/")}
     assert head, "the defended graph has head layers"
-    for md, (prec, outs, has_float) in pinned.items():
-        if md in head and has_float:
-            assert prec == "FLOAT" and set(outs.values()) == {"FLOAT"}, md
+    helpers = {name for name, (md, *_) in pinned.items() if not md}
+    assert helpers, "the fake parser adds helper layers without metadata"
+    for name, (_md, prec, outs, has_float) in pinned.items():
+        if name in head and has_float:
+            assert prec == "FLOAT" and set(outs.values()) == {"FLOAT"}, name
+        elif name in helpers and has_float and prec is not None:  # a helper inside the head: pinned too
+            assert prec == "FLOAT" and set(outs.values()) == {"FLOAT"}, name
         else:  # the backbone is left to FP16; index/shape layers carry no float precision
-            assert prec is None and outs == {}, md
+            assert prec is None and outs == {}, name
     m = json.loads(manifest_path(tmp_path / "d.engine").read_text())
     assert m["precision"] == "fp16" and m["flags"]["precision_constraints"] == "obey" and m["fp32_by"] == "precision constraints"
     assert len(m["fp32_layers"]) == len(res.fp32_layers) > 0 and m["metadata"]["defense"]["name"] == "heuristic"
@@ -256,3 +260,113 @@ def test_real_engine_matches_golden(kind, tmp_path, tiny_onnx, tiny_int8):
         assert r.info.backend == "tensorrt" and r.info.precision == res.precision
     check = check_golden(tmp_path / "m.engine", golden)
     assert check.rule["rule"] == kind and check.passed, check.summary()
+
+
+# --- issue 30: what would break on the first real build, and a fake as strict as TensorRT ---------------------
+
+
+def test_fp32_engines_do_not_compute_in_tf32(tmp_path, tiny_onnx, fake_trt):
+    """TensorRT turns TF32 on by default for FP32 Conv/Gemm; an FP32 engine clears it (and says so)."""
+    trt, _ = fake_trt("10.3.0.26")
+    build_engine(tiny_onnx, tmp_path / "m.engine")
+    assert trt.calls["tf32_at_build"] is False and "TF32" in trt.calls["cleared"]
+    assert json.loads(manifest_path(tmp_path / "m.engine").read_text())["flags"]["tf32"] is False
+
+
+def test_fp16_pinning_covers_the_helper_layers_inside_the_head(tmp_path, defended_onnx, fake_trt):
+    trt, _ = fake_trt("10.3.0.26")
+    build_engine(defended_onnx, tmp_path / "d.engine", EngineConfig(fp16=True))
+    pinned = trt.calls["pinned"]
+    # the shuffle the parser adds after the head's Softmax has no metadata; its input comes from a pinned layer
+    inside = [n for n, (md, prec, _, has_float) in pinned.items() if not md and has_float and prec == "FLOAT"]
+    assert inside, pinned
+    assert json.loads(manifest_path(tmp_path / "d.engine").read_text())["flags"]["fp32_helper_layers"] == len(inside)
+
+
+def test_fp16_pinning_reads_local_function_metadata_and_refuses_uncovered_nodes(tmp_path, defended_onnx, fake_trt):
+    trt, _ = fake_trt("10.3.0.26")
+    trt.calls["metadata_format"] = "[ONNX Layer: model/defense_fn/{}]"  # a node inside an ONNX local function
+    build_engine(defended_onnx, tmp_path / "f.engine", EngineConfig(fp16=True))
+    assert any(prec == "FLOAT" for md, prec, _, _ in trt.calls["pinned"].values() if "defense/" in md)
+    trt.calls["metadata_format"] = "[ONNX Layer: renamed_{}]"  # a parser that names layers another way
+    with pytest.raises(CheckFailed, match="would not cover .* node"):
+        build_engine(defended_onnx, tmp_path / "g.engine", EngineConfig(fp16=True))
+    assert not (tmp_path / "g.engine").exists()
+
+
+def test_fp16_flag_is_refused_from_10_12(capsys, tmp_path, tiny_onnx, fake_trt):
+    fake_trt("10.12.0.36")
+    rc, _, err = run(capsys, "build-engine", tiny_onnx, "--out", tmp_path / "m.engine", "--fp16")
+    assert rc == 3 and "deprecated since 10.12" in one_error(err)
+    assert list(tmp_path.iterdir()) == []
+    assert main(["build-engine", str(tiny_onnx), "--out", str(tmp_path / "m.engine")]) == 0  # strongly typed: fine
+
+
+def _qdq_edit(src: Path, dst: Path, edit) -> Path:
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    inits = {i.name: i for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:  # a weight's DQ (per-channel)
+            edit(proto, n, inits, numpy_helper)
+            break
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("rule, words", [
+    ("asymmetric", "zero point must be 0"),
+    ("uint8", "only INT8 quantization"),
+    ("negative_scale", "Scale coefficients must all be positive"),
+    ("axis", "does not match axis"),
+    ("opset", "Unsupported ONNX opset 8"),
+])
+def test_the_fake_parser_rejects_what_tensorrt_rejects(rule, words, capsys, tmp_path, tiny_int8, fake_trt):
+    import numpy as np
+
+    qdq = Path(tiny_int8) / "model.onnx"
+
+    def edit(proto, n, inits, nh):
+        scale, zp = inits[n.input[1]], inits[n.input[2]]
+        if rule == "asymmetric":
+            zp.CopyFrom(nh.from_array(np.full(nh.to_array(zp).shape, 3, np.int8), zp.name))
+        elif rule == "uint8":
+            zp.CopyFrom(nh.from_array(np.zeros(nh.to_array(zp).shape, np.uint8), zp.name))
+        elif rule == "negative_scale":
+            s = nh.to_array(scale).copy()
+            s.flat[0] = -s.flat[0]
+            scale.CopyFrom(nh.from_array(s, scale.name))
+        elif rule == "axis":
+            n.attribute.append(onnx.helper.make_attribute("axis", 1))
+            del n.attribute[:-1]
+        elif rule == "opset":
+            proto.opset_import[0].version = 8
+
+    bad = _qdq_edit(qdq, tmp_path / f"{rule}.onnx", edit)
+    fake_trt("10.3.0.26")
+    rc, _, err = run(capsys, "build-engine", bad, "--out", tmp_path / "b.engine")
+    assert rc == 2 and "TensorRT's ONNX parser rejected" in one_error(err) and words in err, err
+    assert not (tmp_path / "b.engine").exists()
+
+
+def test_the_cpu_targets_asymmetric_qdq_graph_is_refused(capsys, tmp_path, tiny_bundle, fake_trt):
+    """ONNX Runtime's U8S8 layout (target cpu) is not a TensorRT graph: the parser refuses it, so does the fake."""
+    from edgeguard.quantize import PtqConfig, quantize_bundle
+
+    q = quantize_bundle(tiny_bundle, tmp_path / "cpu8", PtqConfig(target="cpu", calib_samples=64))
+    fake_trt("10.3.0.26")
+    rc, _, err = run(capsys, "build-engine", Path(q.bundle) / "model.onnx", "--out", tmp_path / "c.engine")
+    assert rc == 2 and "only INT8 quantization" in one_error(err)
+
+
+def test_the_fake_network_types_outputs_and_skips_constants_as_tensorrt_does(tmp_path, defended_onnx, fake_trt):
+    trt, _ = fake_trt("10.3.0.26")
+    build_engine(defended_onnx, tmp_path / "d.engine")
+    proto = onnx.load(str(defended_onnx))
+    layers = trt.calls["pinned"]
+    consts = [n.name for n in proto.graph.node if n.op_type == "Constant"]
+    assert all(f"[ONNX Layer: {c}]" not in {md for md, *_ in layers.values()} for c in consts)
+    kinds = {name.rsplit("[", 1)[1].rstrip("]") for name in layers}
+    assert "Constant" not in kinds and ("Cast" in kinds or "Shuffle" in kinds)
+

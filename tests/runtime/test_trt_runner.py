@@ -166,3 +166,22 @@ def test_golden_check_and_info_on_engine(capsys, fake_engine, tiny_onnx, tmp_pat
     capsys.readouterr()
     assert main(["info", str(eng)]) == 0
     assert "tensorrt (Fake Orin)" in capsys.readouterr().out
+
+
+def test_runner_uses_its_own_stream_and_page_locked_buffers(fake_engine, digits_test):
+    eng, _, rt = fake_engine
+    with open_runner(eng) as r:
+        r.predict(digits_test.images[:70].numpy())
+        assert len(rt.pinned) == 2  # a page-locked host buffer per device buffer, allocated once
+    assert rt.copies and all(stream == 7 and pinned for _, stream, pinned in rt.copies)  # cudaStreamCreate's stream
+    assert rt.pinned == {}  # freed on close
+
+
+def test_a_refused_input_shape_is_one_sentence_not_stale_shapes(fake_engine, digits_test):
+    """``set_input_shape`` answers False (the real binding does not raise): the runner checks it."""
+    eng, trt, _ = fake_engine
+    trt.calls["refuse_shapes"] = {(6, 1, 32, 32)}
+    with open_runner(eng) as r:
+        r.predict(digits_test.images[:5].numpy())  # accepted
+        with pytest.raises(BadInput, match=r"TensorRT refused the input shape \(6, 1, 32, 32\)"):
+            r.predict(digits_test.images[:6].numpy())
