@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +19,42 @@ from typing import Any
 from edgeguard.config import Config
 from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext
 
-_MODULES = ("none", "heuristic", "reverse_sigmoid", "rounding", "topk", "gaussian", "adaptive_misinformation",
-            "modelguard_s", "modelguard_w", "mad")
-for _m in _MODULES:
-    importlib.import_module(f"edgeguard.defenses.{_m}")
+for _m in pkgutil.iter_modules(__path__):  # every module of this package registers its defense
+    if _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
+
+
+def defense_class(name: str) -> type[Defense]:
+    """The Defense subclass a registered builder returns (its return annotation): where its capabilities live."""
+    hint = typing.get_type_hints(DEFENSES.get(name)).get("return")
+    if not (isinstance(hint, type) and issubclass(hint, Defense)):
+        raise TypeError(f"defense {name!r}: its builder must be annotated to return a Defense subclass")
+    return hint
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a defense with a given config can do, read from its class (see :class:`Defense`)."""
+
+    placement: str  # graph | host
+    preserves_top1: bool
+    context_free: bool
+
+
+def capabilities(name: str, params: Mapping[str, Any] | None = None) -> Capabilities:
+    cls, cfg = defense_class(name), defense_config(name, params)
+    return Capabilities(cls.placement_for(cfg), bool(cls.preserves_top1(cfg)), bool(cls.context_free))
+
+
+def defense_names(**want: Any) -> list[str]:
+    """Registered defenses whose capabilities under their default config match ``want`` (e.g. ``placement="host"``,
+    ``context_free=True``)."""
+    out = []
+    for name in DEFENSES.names():
+        caps = capabilities(name).__dict__
+        if all(caps[k] == v for k, v in want.items()):
+            out.append(name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -56,4 +90,5 @@ def make_defense(name: str, params: Mapping[str, Any] | None, ctx: DefenseContex
     return module.eval()
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseSpec", "defense_config", "defense_label", "make_defense"]
+__all__ = ["DEFENSES", "Capabilities", "Defense", "DefenseContext", "DefenseSpec", "capabilities", "defense_class",
+           "defense_config", "defense_label", "defense_names", "make_defense"]

@@ -76,7 +76,7 @@ class AdaptiveMisinformation(Defense):
         return (1.0 - gate) * p + gate * softmax_np(z_mis)
 
 
-@DEFENSES.register("adaptive_misinformation", config=AdaptiveMisinformationConfig, fusable=True, host=False)
+@DEFENSES.register("adaptive_misinformation", config=AdaptiveMisinformationConfig)
 def build_adaptive_misinformation(cfg: AdaptiveMisinformationConfig, ctx: DefenseContext) -> AdaptiveMisinformation:
     if ctx.model_factory is None or ctx.train_images is None:
         raise BadInput("adaptive_misinformation trains a misinformation model on the protected model's training data; "

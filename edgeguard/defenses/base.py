@@ -65,8 +65,14 @@ class DefenseContext:
 
 
 class Defense(nn.Module):
+    """An output defense.  What it can do is declared here, on its class, and nowhere else: ``fusable`` (its
+    default placement; :meth:`placement_for` decides per config), :meth:`preserves_top1` (a promise the pipeline
+    checks), ``context_free`` (an attacker can rebuild its mapping from the published parameters alone: the
+    adaptive attacks), ``random`` / :meth:`is_random`."""
+
     name: ClassVar[str] = ""
     fusable: ClassVar[bool] = True
+    context_free: ClassVar[bool] = False
     needs_input: ClassVar[bool] = False
     emits_flag: ClassVar[bool] = False
     random: ClassVar[bool] = False
@@ -89,9 +95,19 @@ class Defense(nn.Module):
         """NumPy float64 oracle of ``forward`` (tests only)."""
         raise NotImplementedError
 
+    @classmethod
+    def placement_for(cls, cfg: Any) -> str:
+        """Where a defense with config ``cfg`` runs: ``graph`` (fused into the exported graph) or ``host``."""
+        return "graph" if cls.fusable else "host"
+
+    @classmethod
+    def preserves_top1(cls, cfg: Any) -> bool:
+        """Whether the defended argmax equals the undefended one by construction (default: a ``top1_guard``)."""
+        return bool(getattr(cfg, "top1_guard", False))
+
     @property
     def placement(self) -> str:
-        return "graph" if self.fusable else "host"
+        return type(self).placement_for(self.cfg)
 
     def public_params(self) -> dict[str, Any]:
         """Parameters as recorded in the artifact's metadata (secret fields left out)."""
@@ -101,7 +117,7 @@ class Defense(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.public_params(), "placement": self.placement,
-                "fusable": self.fusable, "random": self.is_random()}
+                "fusable": self.placement == "graph", "random": self.is_random()}
 
     def is_random(self) -> bool:
         return self.random

@@ -50,6 +50,7 @@ class GaussianConfig(Config):
 
 
 class Gaussian(Defense):
+    context_free = True  # its mapping follows from the published parameters alone
     name = "gaussian"
     random = True
     secret_params = ("seed",)
@@ -99,6 +100,6 @@ class Gaussian(Defense):
         return preserve_top1_reference(p, q) if self.cfg.top1_guard else q
 
 
-@DEFENSES.register("gaussian", config=GaussianConfig, fusable=True, host=False)
+@DEFENSES.register("gaussian", config=GaussianConfig)
 def build_gaussian(cfg: GaussianConfig, ctx: DefenseContext) -> Gaussian:
     return Gaussian(cfg, ctx.num_classes)

@@ -50,6 +50,7 @@ class HeuristicConfig(Config):
 
 
 class Heuristic(Defense):
+    context_free = True  # its mapping follows from the published parameters alone
     name = "heuristic"
     cfg: HeuristicConfig
 
@@ -77,6 +78,6 @@ class Heuristic(Defense):
         return preserve_top1_reference(p, q) if c.top1_guard else q
 
 
-@DEFENSES.register("heuristic", config=HeuristicConfig, fusable=True, host=False)
+@DEFENSES.register("heuristic", config=HeuristicConfig)
 def build_heuristic(cfg: HeuristicConfig, ctx: DefenseContext) -> Heuristic:
     return Heuristic(cfg, ctx.num_classes)

@@ -255,6 +255,10 @@ def _oracle_argmax_greedy(objective: Objective, kstar: torch.Tensor, k: int) -> 
 
 
 class Mad(Defense):
+
+    @classmethod
+    def preserves_top1(cls, cfg) -> bool:
+        return getattr(cfg, "oracle", "") == "argmax"  # the argmax oracle keeps the top-1
     name = "mad"
     fusable = False
     needs_input = True
@@ -397,7 +401,7 @@ def restore_mad(cfg: MadConfig, ctx: DefenseContext, state: Mapping[str, torch.T
     return load_state(build_mad(cfg, ctx), state)
 
 
-@DEFENSES.register("mad", config=MadConfig, fusable=False, host=True, restore=restore_mad)
+@DEFENSES.register("mad", config=MadConfig, restore=restore_mad)
 def build_mad(cfg: MadConfig, ctx: DefenseContext) -> Mad:
     if ctx.model_factory is None:
         raise BadInput("mad needs a surrogate of the protected architecture; no model factory was given")

@@ -238,13 +238,20 @@ def build_codebook(probs: np.ndarray, eps: float, max_codewords: int = 256) -> l
 
 
 class ModelGuardS(Defense):
+
+    @classmethod
+    def placement_for(cls, cfg) -> str:
+        return "host" if cfg is not None and cfg.online else "graph"  # an online codebook keeps growing: host
+
+    @classmethod
+    def preserves_top1(cls, cfg) -> bool:
+        return True  # by construction: the argmax is kept
     name = "modelguard_s"
     emits_flag = True
     cfg: ModelGuardSConfig
 
     def __init__(self, cfg: ModelGuardSConfig, num_classes: int, codebooks: list[np.ndarray] | None = None):
         super().__init__(cfg, num_classes)
-        self.fusable = not cfg.online
         k = self.num_classes
         books = _check_codebooks(codebooks if codebooks is not None else [np.zeros((0, k))] * k, k)
         m = max(1, max(len(b) for b in books))
@@ -473,7 +480,7 @@ def restore_modelguard_s(cfg: ModelGuardSConfig, ctx: DefenseContext, state: Map
     return load_state(ModelGuardS.empty(cfg, ctx.num_classes), state)
 
 
-@DEFENSES.register("modelguard_s", config=ModelGuardSConfig, fusable=True, host=False, restore=restore_modelguard_s)
+@DEFENSES.register("modelguard_s", config=ModelGuardSConfig, restore=restore_modelguard_s)
 def build_modelguard_s(cfg: ModelGuardSConfig, ctx: DefenseContext) -> ModelGuardS:
     probs = _clean_outputs(ctx, cfg)
     report = build_codebook_report(probs, cfg.epsilon, cfg.max_codewords)

@@ -253,12 +253,20 @@ def lp_reference(y: np.ndarray, eps: float, margin: float = 1e-4) -> np.ndarray:
 
 
 class ModelGuardW(Defense):
+
+    @classmethod
+    def preserves_top1(cls, cfg) -> bool:
+        return True  # by construction: the argmax is kept
+    context_free = True  # its mapping follows from the published parameters alone
     name = "modelguard_w"
     cfg: ModelGuardWConfig
 
     def __init__(self, cfg: ModelGuardWConfig, num_classes: int):
         super().__init__(cfg, num_classes)
-        self.fusable = cfg.solver == "sort"  # the LP runs on the host only
+
+    @classmethod
+    def placement_for(cls, cfg) -> str:
+        return "graph" if cfg is None or cfg.solver == "sort" else "host"  # the LP runs on the host only
 
     def forward(self, logits: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cfg
@@ -278,6 +286,6 @@ def restore_modelguard_w(cfg: ModelGuardWConfig, ctx: DefenseContext, state) -> 
     return ModelGuardW(cfg, ctx.num_classes)
 
 
-@DEFENSES.register("modelguard_w", config=ModelGuardWConfig, fusable=True, host=False, restore=restore_modelguard_w)
+@DEFENSES.register("modelguard_w", config=ModelGuardWConfig, restore=restore_modelguard_w)
 def build_modelguard_w(cfg: ModelGuardWConfig, ctx: DefenseContext) -> ModelGuardW:
     return ModelGuardW(cfg, ctx.num_classes)

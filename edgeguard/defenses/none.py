@@ -9,6 +9,11 @@ from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, softmax_n
 
 
 class NoDefense(Defense):
+
+    @classmethod
+    def preserves_top1(cls, cfg) -> bool:
+        return True  # by construction: the argmax is kept
+    context_free = True  # its mapping follows from the published parameters alone
     name = "none"
 
     def forward(self, logits: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -18,6 +23,6 @@ class NoDefense(Defense):
         return softmax_np(logits)
 
 
-@DEFENSES.register("none", fusable=True, host=False)
+@DEFENSES.register("none")
 def build_none(cfg: None, ctx: DefenseContext) -> NoDefense:
     return NoDefense(cfg, ctx.num_classes)

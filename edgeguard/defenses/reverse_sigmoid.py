@@ -61,6 +61,7 @@ class ReverseSigmoidConfig(Config):
 
 
 class ReverseSigmoid(Defense):
+    context_free = True  # its mapping follows from the published parameters alone
     name = "reverse_sigmoid"
     cfg: ReverseSigmoidConfig
 
@@ -79,6 +80,6 @@ class ReverseSigmoid(Defense):
         return preserve_top1_reference(p, q) if c.top1_guard else q
 
 
-@DEFENSES.register("reverse_sigmoid", config=ReverseSigmoidConfig, fusable=True, host=False)
+@DEFENSES.register("reverse_sigmoid", config=ReverseSigmoidConfig)
 def build_reverse_sigmoid(cfg: ReverseSigmoidConfig, ctx: DefenseContext) -> ReverseSigmoid:
     return ReverseSigmoid(cfg, ctx.num_classes)

@@ -25,6 +25,7 @@ class RoundingConfig(Config):
 
 
 class Rounding(Defense):
+    context_free = True  # its mapping follows from the published parameters alone
     name = "rounding"
     cfg: RoundingConfig
 
@@ -37,6 +38,6 @@ class Rounding(Defense):
         return np.round(softmax_np(logits) * scale) / scale
 
 
-@DEFENSES.register("rounding", config=RoundingConfig, fusable=True, host=False)
+@DEFENSES.register("rounding", config=RoundingConfig)
 def build_rounding(cfg: RoundingConfig, ctx: DefenseContext) -> Rounding:
     return Rounding(cfg, ctx.num_classes)

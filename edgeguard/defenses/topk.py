@@ -27,6 +27,11 @@ class TopKConfig(Config):
 
 
 class TopK(Defense):
+
+    @classmethod
+    def preserves_top1(cls, cfg) -> bool:
+        return True  # by construction: the argmax is kept
+    context_free = True  # its mapping follows from the published parameters alone
     name = "topk"
     cfg: TopKConfig
 
@@ -51,7 +56,7 @@ class TopK(Defense):
         return q / q.sum(-1, keepdims=True) if self.cfg.renormalize else q
 
 
-@DEFENSES.register("topk", config=TopKConfig, fusable=True, host=False)
+@DEFENSES.register("topk", config=TopKConfig)
 def build_topk(cfg: TopKConfig, ctx: DefenseContext) -> TopK:
     if cfg.k > ctx.num_classes:
         raise BadInput(f"topk k={cfg.k} exceeds the model's {ctx.num_classes} classes")

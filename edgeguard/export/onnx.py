@@ -280,13 +280,13 @@ def export_onnx(
         model = bundle.load_model().eval()
         backbone = expose_logits(_backbone_proto(bundle, model, cfg))
         precision, opset = "fp32", cfg.opset
-    head_module = defense if defense.fusable else NoDefense(None, spec.num_classes)
+    head_module = defense if defense.placement == "graph" else NoDefense(None, spec.num_classes)
     head = head_proto(head_module, spec.input_shape, opset, cfg.max_batch)
     proto = graft_head(backbone, head, backbone.graph.input[0].name)
     network_ops = frozenset(n.op_type for n in backbone.graph.node) if head_module.needs_input else frozenset()
     ops = check_head(proto, allow_random=head_module.is_random(), network_ops=network_ops)
     record = {**defense.describe(), "logits": LOGITS, "head_ops": ops}
-    if not defense.fusable:
+    if defense.placement != "graph":
         record["sidecar"] = None  # filled in below, once the state file is written
         record["sidecar_sha256"] = None
     guard = magicguard.export_record(bundle.manifest, proto)  # FP32 guard nodes, no Q/DQ inside (else CheckFailed)
@@ -298,7 +298,7 @@ def export_onnx(
         x = _check_inputs(spec.input_shape, n)
         if not head_module.is_random():
             head_parity, logits = head_check(proto, head_module, x)
-            head_diff = head_parity.max_abs_diff if defense.fusable else None
+            head_diff = head_parity.max_abs_diff if defense.placement == "graph" else None
             if not head_parity.passed:
                 raise CheckFailed(f"ONNX Runtime disagrees with PyTorch on the {defense.name} head "
                                   f"({head_parity.off_rows:.1%} of rows beyond {HEAD_ATOL:g}, max |Δ| "
@@ -319,7 +319,7 @@ def export_onnx(
                 )
     written_sidecar: Path | None = None
     existed = False
-    if not defense.fusable:
+    if defense.placement != "graph":
         blob = _sidecar_bytes(defense, bundle)
         digest = hashlib.sha256(blob).hexdigest()
         written_sidecar = sidecar_path(out, digest)

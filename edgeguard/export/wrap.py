@@ -326,7 +326,7 @@ def wrap_onnx(source: str | Path, out: str | Path, cfg: WrapConfig | None = None
         defense = defense(k, chw, clean_predict)
     if defense.num_classes != k:
         raise BadInput(f"the {defense.name} defense was built for {defense.num_classes} classes, the graph has {k}")
-    if not defense.fusable:
+    if defense.placement != "graph":
         raise BadInput(f"the {defense.name} defense runs on the host next to a bundle's model; a wrapped third-party "
                        f"graph takes fused defenses only (import the model as a bundle for host-side ones)")
     taken = {t for n in backbone.graph.node for t in (*n.input, *n.output)} | {i.name for i in backbone.graph.initializer}

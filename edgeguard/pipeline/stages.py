@@ -12,7 +12,7 @@ from edgeguard.attacks import FinetuneConfig, finetune_attack
 from edgeguard.attacks.extraction import extract, method_config
 from edgeguard.bundle import Vault, load_bundle, save_bundle, stage_record
 from edgeguard.data import default_ood, load_data
-from edgeguard.defenses import defense_config, defense_label
+from edgeguard.defenses import capabilities, defense_label
 from edgeguard.errors import CheckFailed
 from edgeguard.evaluate import BenchConfig, accuracy_from, evaluate_accuracy, parity_from, predict_dataset
 from edgeguard.evaluate.defense import measure_defense
@@ -224,7 +224,7 @@ def stage_defenses(ctx: Context) -> None:
             host = res.placement == "host"
             with open_runner(res.path) as defended, open_runner(res.path, undefended=True) as clean:
                 m = measure_defense(defended, clean, test, ood, bench=bench, params=dict(spec.params), placement=res.placement)
-            keeps = _preserves_top1(spec.name, defense_config(spec.name, spec.params))
+            keeps = capabilities(spec.name, spec.params).preserves_top1
             row = {**m.row(), "defense": label, "precision": precision, "artifact": res.path,
                    "fusable": res.placement == "graph", "head_ops": list(res.head_ops),
                    "head_check_max_abs_diff": res.head_check_max_abs_diff, "preserves_top1": keeps,
@@ -259,15 +259,6 @@ def stage_extraction(ctx: Context) -> None:
         ctx.check(f"{x.method} extracts the undefended model above chance", undefended["fidelity"] > 2.0 / len(
             load_data(ctx.cfg.data, "test").info.classes), f"fidelity {undefended['fidelity']:.4f} with "
                   f"{undefended['queries_used']} queries")
-
-
-def _preserves_top1(name: str, cfg) -> bool:
-    """Defenses that promise the undefended argmax by construction (the pipeline checks the promise)."""
-    if name in ("none", "topk", "modelguard_w", "modelguard_s"):
-        return True
-    if name == "mad":
-        return getattr(cfg, "oracle", "") == "argmax"
-    return bool(getattr(cfg, "top1_guard", False))
 
 
 def stage_bench(ctx: Context) -> None:

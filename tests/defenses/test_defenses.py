@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeguard.defenses import DEFENSES, DefenseContext, defense_config, make_defense
+from edgeguard.defenses import DEFENSES, DefenseContext, defense_config, defense_names, make_defense
 from edgeguard.errors import BadInput
 
 
@@ -234,7 +234,7 @@ def test_topk_larger_than_classes_and_context_needs():
 def test_registry_lists_every_defense_with_its_placement():
     assert set(DEFENSES.names()) == {"none", "heuristic", "reverse_sigmoid", "rounding", "topk", "gaussian",
                                      "adaptive_misinformation", "modelguard_s", "modelguard_w", "mad"}
-    assert DEFENSES.names(host=True) == ["mad"]  # always host-side; two more depend on their config:
+    assert defense_names(placement="host") == ["mad"]  # always host-side; two more depend on their config:
     from edgeguard.defenses.modelguard_s import ModelGuardS, ModelGuardSConfig
 
     assert ModelGuardS.empty(ModelGuardSConfig(online=True), 10).placement == "host"

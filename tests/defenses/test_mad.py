@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeguard.defenses import DEFENSES, DefenseContext, defense_config, make_defense
+from edgeguard.defenses import DEFENSES, DefenseContext, capabilities, defense_config, make_defense
 from edgeguard.defenses.mad import (
     GREEDY_MAX_EVALS,
     Mad,
@@ -248,7 +248,7 @@ def test_generic_surrogate_without_classifier_attribute(tail):
 
 def test_interface_and_registry():
     entry = DEFENSES.entry("mad")
-    assert entry.config is MadConfig and entry.meta["fusable"] is False and entry.meta["host"] is True
+    assert entry.config is MadConfig and capabilities("mad").placement == "host"
     mad = build(epsilon=0.5, seed=3)
     assert Mad.fusable is False and Mad.needs_input is True and mad.placement == "host"
     d = mad.describe()

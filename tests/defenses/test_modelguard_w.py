@@ -154,15 +154,15 @@ def test_module_registry_and_placement():
     ctx = DefenseContext(num_classes=10)
     mod = make_defense("modelguard_w", {"epsilon": "0.5"}, ctx)
     assert isinstance(mod, ModelGuardW) and mod.cfg == ModelGuardWConfig(epsilon=0.5)
-    assert mod.fusable and mod.placement == "graph"
+    assert mod.placement == "graph"
     assert mod.describe()["params"]["epsilon"] == 0.5
     logits = torch.randn(16, 10, generator=torch.Generator().manual_seed(0)) * 3
     q = mod(logits)
     p = torch.softmax(logits, -1)
     assert torch.equal(q, solve_sort(p, 0.5, MARGIN))
     lp = make_defense("modelguard_w", {"solver": "lp"}, ctx)
-    assert not lp.fusable and lp.placement == "host"
-    assert ModelGuardW.fusable  # the class default is untouched
+    assert lp.placement == "host"
+    assert ModelGuardW.placement_for(None) == "graph"  # the default config is fused
 
 
 def test_lp_solver_module_matches_reference():

@@ -44,13 +44,11 @@ from edgeguard.attacks.extraction.base import (
 )
 from edgeguard.attacks.extraction.knockoff import sample_pool
 from edgeguard.config import require
-from edgeguard.defenses import DefenseContext, make_defense
+from edgeguard.defenses import DEFENSES, DefenseContext, defense_class, defense_names, make_defense
 from edgeguard.errors import BadInput
 from edgeguard.runtime.defended import HostDefenseRunner
 from edgeguard.training import Mix, TensorData, TrainConfig, fit
 
-# Defenses whose mapping an attacker can rebuild from the published parameters alone (no model, no data, no state).
-CONTEXT_FREE_DEFENSES = ("none", "heuristic", "reverse_sigmoid", "rounding", "topk", "gaussian", "modelguard_w")
 ORACLE_PRIOR_NOTE = ("oracle prior (spec pitfall 7): the Dirichlet table is centred on the victim's CLEAN outputs for "
                      "the attacker's own queries, read from the undefended view without counting as queries; an upper "
                      "bound on a real attacker, as in the reference code")
@@ -255,9 +253,10 @@ def defense_mapping(oracle: QueryOracle, num_classes: int, overrides: dict | Non
 
     runner = oracle.runner
     name = runner.info.defense
-    if name not in CONTEXT_FREE_DEFENSES:
+    if name not in DEFENSES or not defense_class(name).context_free:  # declared on the defense's class
         raise BadInput(f"{method} rebuilds the defense mapping from its parameters alone and supports "
-                       f"{', '.join(CONTEXT_FREE_DEFENSES)}, not {name!r}, which needs the defender's model or data")
+                       f"{', '.join(defense_names(context_free=True))}, not {name!r}, which needs the defender's "
+                       "model or data")
     overrides = dict(overrides or {})
     if isinstance(runner, HostDefenseRunner):
         module = runner.defense
