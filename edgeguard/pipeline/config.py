@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgeguard.attacks import MODES
 from edgeguard.attacks.extraction import method_config
 from edgeguard.config import Config, DataConfig, ModelConfig, load_yaml, require
 from edgeguard.defenses import DefenseSpec
 from edgeguard.errors import BadInput
+from edgeguard.evaluate.bench import BenchConfig
 from edgeguard.evaluate.destruction import DestructionConfig
 from edgeguard.export import ExportConfig
 from edgeguard.protect import WatermarkConfig
@@ -33,33 +35,97 @@ class EvalConfig(Config):
 
 
 @dataclass(frozen=True)
-class PipelineBenchConfig(Config):
-    enabled: bool = True
-    batch_sizes: tuple[int, ...] = (1, 64)
-    warmup: int = 3
-    iterations: int = 30
+class LibrarySection(Config):
+    """A pipeline section around library configs (``LIBRARY``), the way ``QatConfig(base=PtqConfig)`` wraps one:
+    the section's own keys (``enabled``, ...) plus every field of its library configs, flat in the YAML, kept in
+    ``library`` and turned into the library config with ``from_mapping`` (so an unknown or ill-typed key fails at
+    load time, and a new library field is settable from YAML with no edit here).  A library field reads like the
+    section's own (``cfg.watermark.alpha``); ``DEFAULTS`` are the section's defaults where they differ from the
+    library's.  ``seed`` is the run's, set once at the top level."""
+
+    LIBRARY: ClassVar[tuple[type[Config], ...]] = ()
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    library: dict = field(default_factory=dict)
+
+    @classmethod
+    def library_fields(cls) -> dict[str, type[Config]]:
+        out: dict[str, type[Config]] = {}
+        for lib in cls.LIBRARY:
+            for f in dataclasses.fields(lib):
+                if f.name != "seed" and not _is_config_field(lib, f.name):
+                    out.setdefault(f.name, lib)
+        return out
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, Any] | None, *, what: str | None = None) -> Config:
+        params = dict(params or {})
+        what = what or cls.__name__
+        if "seed" in params:
+            raise BadInput(f"{what}: set the run's seed once, at the top level (remove {what.split()[-1]}.seed)")
+        own = {f.name for f in dataclasses.fields(cls)} - {"library"}
+        lib = dict(params.pop("library", None) or {})
+        lib.update({k: params.pop(k) for k in [k for k in params if k not in own]})
+        known = cls.library_fields()
+        unknown = sorted(set(lib) - set(known))
+        if unknown:
+            raise BadInput(f"{what}: unknown setting {unknown[0]!r}; known: {', '.join(sorted(own | set(known)))}")
+        params["library"] = lib
+        return super().from_mapping(params, what=what)
+
+    def __post_init__(self) -> None:
+        built = {lib: self.library_config(lib, 0) for lib in self.LIBRARY}  # validates every key here, at load
+        fields = type(self).library_fields()
+        coerced = {k: getattr(built[fields[k]], k) for k in self.library}  # YAML lists -> the library's tuples
+        object.__setattr__(self, "library", coerced)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in type(self).library_fields():
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
+        values = {**self.DEFAULTS, **(self.__dict__.get("library") or {})}
+        if name in values:
+            return values[name]
+        f = next(f for f in dataclasses.fields(type(self).library_fields()[name]) if f.name == name)
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+    def library_config(self, lib: type[Config], seed: int, **extra: Any) -> Any:
+        names = {f.name for f in dataclasses.fields(lib)}
+        values = {k: v for k, v in {**self.DEFAULTS, **self.library}.items() if k in names}
+        if "seed" in names:
+            values["seed"] = seed
+        return lib.from_mapping({**values, **extra}, what=type(self).__name__)
+
+    def params(self) -> dict[str, Any]:
+        out = super().params()
+        out.update({k: list(v) if isinstance(v, tuple) else v for k, v in out.pop("library").items()})
+        return out
+
+
+def _is_config_field(cls: type, name: str) -> bool:
+    import typing
+
+    hint = typing.get_type_hints(cls).get(name)
+    return isinstance(hint, type) and issubclass(hint, Config)
 
 
 @dataclass(frozen=True)
-class PipelineWatermarkConfig(Config):
-    """The watermark stage: embed into the trained bundle, verify on every artifact."""
+class PipelineBenchConfig(LibrarySection):
+    """The bench stage: every shipped artifact timed side by side (``BenchConfig``'s fields)."""
 
+    LIBRARY = (BenchConfig,)
+    DEFAULTS = {"warmup": 3, "iterations": 30}
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineWatermarkConfig(LibrarySection):
+    """The watermark stage: embed into the trained bundle, verify on every artifact (``WatermarkConfig``'s fields)."""
+
+    LIBRARY = (WatermarkConfig,)
     enabled: bool = False
-    mode: str = "pretrained"
-    n_triggers: int = 100
-    trigger_batch: int = 16
-    epochs: int = 20
-    lr: float = 0.01
-    alpha: float = 1e-3
-    trigger_dir: str | None = None
-    labels: str | None = None
     key_seed: int | None = None  # None: a random secret key (recorded only in the vault)
 
     def to_watermark_config(self, seed: int):
-        return WatermarkConfig(
-            mode=self.mode, n_triggers=self.n_triggers, trigger_batch=self.trigger_batch, epochs=self.epochs,
-            lr=self.lr, alpha=self.alpha, trigger_dir=self.trigger_dir, labels=self.labels, seed=seed,
-        )
+        return self.library_config(WatermarkConfig, seed)
 
 
 @dataclass(frozen=True)
@@ -77,78 +143,67 @@ class PipelineAttacksConfig(Config):
 
 
 @dataclass(frozen=True)
-class PipelineMagicGuardConfig(Config):
+class PipelineMagicGuardConfig(LibrarySection):
     """The magicguard stage: insert the guard into the (watermarked) bundle, then fine-tune the guarded bundle and its
-    stripped copy under each recipe and report accuracy over steps; the guarded bundle is what later stages ship."""
+    stripped copy under each recipe and report accuracy over steps; the guarded bundle is what later stages ship.
+    ``MagicGuardConfig``'s fields."""
 
+    LIBRARY = (MagicGuardConfig,)
     enabled: bool = False
-    a: float = 0.01
-    w: float = 1e4
-    site: str = "logits"
-    ratio: float = 1.0
-    variant: str = "sine"
     destruction: DestructionConfig = field(default_factory=DestructionConfig)
 
-    def __post_init__(self) -> None:
-        self.to_magicguard_config(0)  # validates a, w, ratio, variant at load time
-
     def to_magicguard_config(self, seed: int):
-        return MagicGuardConfig(a=self.a, w=self.w, site=self.site, ratio=self.ratio, variant=self.variant, seed=seed)
+        return self.library_config(MagicGuardConfig, seed)
 
 
 @dataclass(frozen=True)
-class PipelineFragileConfig(Config):
+class PipelineFragileConfig(LibrarySection):
     """The fragile stage: generate triggers against the shipped FP32 ONNX, enrol them on it (and the same triggers on
     the INT8 ONNX), re-verify, then tamper: one epoch of last-layer fine-tuning, and a tiny weight perturbation, each
-    re-exported and verified against the original enrolment."""
+    re-exported and verified against the original enrolment.  ``FragileConfig``'s fields, plus the tamper checks."""
 
+    LIBRARY = (FragileConfig,)
     enabled: bool = False
-    n: int = 100
-    steps: int = 300
-    margin: float = 0.2
     verifications: int = 20  # repeated verifications of the enrolled artifact (false alarms)
     finetune_epochs: int = 1
     finetune_lr: float = 1e-3  # the paper's SGD lr
     weight_noise: float = 1e-3  # Gaussian noise, times each weight tensor's std (spec F10, informational)
 
     def __post_init__(self) -> None:
-        self.to_fragile_config(0)
+        super().__post_init__()
         require(self.verifications >= 1 and self.finetune_epochs >= 1, "fragile.verifications and finetune_epochs must be >= 1")
         require(self.weight_noise >= 0, "fragile.weight_noise must be >= 0")
 
     def to_fragile_config(self, seed: int):
-        return FragileConfig(n=self.n, steps=self.steps, margin=self.margin, seed=seed)
+        return self.library_config(FragileConfig, seed)
 
 
 @dataclass(frozen=True)
-class PipelineQuantizeConfig(Config):
-    """The quantize stage: the protected bundle to INT8 (PTQ or QAT), shipped as a second ONNX file."""
+class PipelineQuantizeConfig(LibrarySection):
+    """The quantize stage: the protected bundle to INT8 (PTQ or QAT), shipped as a second ONNX file.  ``PtqConfig``'s
+    fields, and ``QatConfig``'s for ``mode: qat``."""
 
+    LIBRARY = (PtqConfig, QatConfig)
     enabled: bool = False
     mode: str = "ptq"
-    target: str = "tensorrt"
-    calibration: str = "histogram"
-    calib_samples: int = 512
-    epochs: int = 2  # QAT
-    lr: float = 1e-3  # QAT
     max_accuracy_drop: float = 0.01  # the pipeline fails if INT8 loses more accuracy than this
 
     def __post_init__(self) -> None:
         require(self.mode in ("ptq", "qat"), "quantize.mode must be ptq or qat")
-        require(self.target in ("tensorrt", "cpu"), "quantize.target must be tensorrt or cpu")
+        super().__post_init__()
+        self.to_quantize_config(0)
 
     def to_quantize_config(self, seed: int):
-        base = PtqConfig(target=self.target, calibration=self.calibration, calib_samples=self.calib_samples, seed=seed)
-        return base if self.mode == "ptq" else QatConfig(base=base, epochs=self.epochs, lr=self.lr, seed=seed)
+        base = self.library_config(PtqConfig, seed)
+        return base if self.mode == "ptq" else self.library_config(QatConfig, seed, base=base)
 
 
 @dataclass(frozen=True)
-class PipelineExportConfig(Config):
-    """The export stage: ONNX options, and the output defenses to ship and compare (one ONNX file each)."""
+class PipelineExportConfig(LibrarySection):
+    """The export stage: ``ExportConfig``'s fields, and the output defenses to ship and compare (one ONNX file
+    each)."""
 
-    opset: int = 20
-    max_batch: int = 4096
-    check_samples: int = 64
+    LIBRARY = (ExportConfig,)
     defense: tuple = ()  # DefenseSpec mappings ({name, params}) or bare names
     defense_int8: bool = True  # also fuse each fusable defense into the INT8 graph when the quantize stage ran
     defense_latency_iterations: int = 40  # timed calls per batch size when comparing a defense with the undefended view
@@ -163,7 +218,7 @@ class PipelineExportConfig(Config):
         names = [sp.name + str(sorted(sp.params.items())) for sp in specs]
         require(len(set(names)) == len(names), "export.defense lists the same defense twice")
         object.__setattr__(self, "defense", tuple(specs))
-        self.export_config()  # validates opset and batch bounds
+        super().__post_init__()  # validates opset and batch bounds
         require(self.defense_latency_iterations >= 1, "export.defense_latency_iterations must be >= 1")
 
     def params(self) -> dict[str, Any]:
@@ -172,7 +227,7 @@ class PipelineExportConfig(Config):
         return out
 
     def export_config(self) -> ExportConfig:
-        return ExportConfig(opset=self.opset, max_batch=self.max_batch, check_samples=self.check_samples)
+        return self.library_config(ExportConfig, 0)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

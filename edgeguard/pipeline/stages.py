@@ -266,7 +266,7 @@ def stage_bench(ctx: Context) -> None:
     if not b.enabled:
         return
     names = list(ctx.artifacts)
-    cfg = BenchConfig(batch_sizes=b.batch_sizes, warmup=b.warmup, iterations=b.iterations, seed=ctx.cfg.seed)
+    cfg = b.library_config(BenchConfig, ctx.cfg.seed)
     res = bench_artifacts([ctx.artifacts[n] for n in names], cfg, names=names)
     ctx.results["bench"] = res.to_json()
 
