@@ -128,12 +128,11 @@ def evaluate_defense(
     with open_runner(artifact, device=device) as defended, open_runner(artifact, device=device, undefended=True) as clean:
         if defended.info.defense == "none":
             raise BadInput(f"{artifact} has no output defense to measure")
-        meta = getattr(getattr(defended, "inner", defended), "metadata", {}) or {}
-        record = meta.get("defense") if isinstance(meta.get("defense"), dict) else {}
+        record = defended.info.defense_record
         ood_cfg = ood or default_ood(defended.info.input_shape)
         ood_data = load_data(ood_cfg, "test")
         return measure_defense(defended, clean, load_data(data, split), ood_data, bench=bench,
-                               params=record.get("params", {}), placement=record.get("placement", "graph"))
+                               params=dict(record.params), placement=record.placement)
 
 
 @dataclass(frozen=True)

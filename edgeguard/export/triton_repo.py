@@ -23,7 +23,7 @@ from edgeguard.config import Config, require
 from edgeguard.errors import BadInput
 from edgeguard.fileio import atomic_dir, sha256_file
 from edgeguard.runtime import artifact_kind, open_runner
-from edgeguard.runtime.metadata import artifact_metadata, decode, public_info
+from edgeguard.runtime.metadata import decode, public_info
 from edgeguard.runtime.remote import PARAMETER
 from edgeguard.runtime.trt_env import read_manifest
 
@@ -88,9 +88,9 @@ def _onnx_facts(path: Path, cfg: TritonRepoConfig) -> dict[str, Any]:
     import onnx
 
     with open_runner(path) as runner:  # validates the graph, reads edgeguard's metadata
-        record = artifact_metadata(runner).get("defense")
-        if isinstance(record, dict) and record.get("placement") == "host":
-            raise BadInput(f"{path} runs its {record.get('name')!r} defense on the host (model.defense.pt), which a "
+        record = runner.info.defense_record
+        if record.placement == "host":
+            raise BadInput(f"{path} runs its {record.name!r} defense on the host (model.defense.pt), which a "
                            "Triton repository cannot carry -- it would ship undefended; use `edgeguard serve` for it, "
                            "or export with a defense that fuses into the graph")
         public = public_info(runner)

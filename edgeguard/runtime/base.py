@@ -8,7 +8,7 @@ input shape), scales uint8, splits into batches and checks the output; backends 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,26 @@ import numpy as np
 from edgeguard.errors import BadInput, CheckFailed
 
 DEFAULT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class DefenseRecord:
+    """The output defense an artifact carries, read once by its runner (the graph's metadata, an engine manifest, a
+    host-side module, a server's public info): every check reads it here, never from the artifact again."""
+
+    name: str = "none"
+    params: dict = field(default_factory=dict)  # public parameters (secret ones are never recorded)
+    placement: str = "graph"  # graph (fused) | host (a state file beside the graph) | unknown (a foreign server)
+
+    @classmethod
+    def from_record(cls, record: Any, *, default: str = "none") -> DefenseRecord:
+        """From an artifact's ``defense`` metadata (a dict, a bare name, or nothing)."""
+        if isinstance(record, dict):
+            return cls(str(record.get("name", default)), dict(record.get("params") or {}),
+                       str(record.get("placement", "graph")))
+        if isinstance(record, str) and record:
+            return cls(record)
+        return cls(default, {}, "unknown" if default == "unknown" else "graph")
 
 
 @dataclass(frozen=True)
@@ -30,6 +50,13 @@ class RunnerInfo:
     path: str
     device: str = "cpu"
     details: tuple[tuple[str, Any], ...] = ()
+    defense_record: DefenseRecord | None = None  # filled from ``defense`` when a runner gives no record
+
+    def __post_init__(self) -> None:
+        if self.defense_record is None:
+            object.__setattr__(self, "defense_record", DefenseRecord.from_record(None, default=self.defense))
+        elif self.defense_record.name != self.defense:
+            raise ValueError(f"defense {self.defense!r} and its record {self.defense_record.name!r} disagree")
 
     @property
     def num_classes(self) -> int:

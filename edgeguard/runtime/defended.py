@@ -20,7 +20,7 @@ from edgeguard.defenses import DEFENSES, DefenseContext, defense_config
 from edgeguard.errors import BadInput
 from edgeguard.models import create_model
 from edgeguard.models.imported import build_imported
-from edgeguard.runtime.base import Runner, RunnerInfo
+from edgeguard.runtime.base import DefenseRecord, Runner, RunnerInfo
 
 SIDECAR_FORMAT = "edgeguard-host-defense"
 
@@ -78,9 +78,11 @@ class HostDefenseRunner(Runner):
         info = self.inner.open().info
         details = dict(info.details)
         details["host_defense"] = self.defense.describe()
+        d = self.defense.describe()  # the live module says what runs
+        record = DefenseRecord(self.defense.name, dict(d.get("params") or {}), str(d.get("placement", "host")))
         return RunnerInfo(backend=info.backend, precision=info.precision, defense=self.defense.name,
                           input_shape=info.input_shape, classes=info.classes, sha256=info.sha256, path=info.path,
-                          device=f"{info.device}+host", details=tuple(details.items()))
+                          device=f"{info.device}+host", details=tuple(details.items()), defense_record=record)
 
     def _predict_impl(self, x: np.ndarray) -> np.ndarray:
         p = self.inner._predict_impl(x)

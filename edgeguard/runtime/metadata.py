@@ -53,28 +53,15 @@ def decode(props: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def artifact_metadata(runner: Any) -> dict[str, Any]:
-    """The decoded edgeguard metadata of an opened runner: an ONNX graph's ``metadata_props``, an engine manifest's
-    ``metadata``; a host-side defense is looked through to the graph it wraps."""
-    inner = getattr(runner, "inner", runner)
-    meta = getattr(inner, "metadata", None)
-    if not meta:
-        meta = (getattr(inner, "manifest", None) or {}).get("metadata") or {}
-    return dict(meta)
-
-
 def public_info(runner: Any) -> dict[str, Any]:
     """What a server may tell any client about the artifact it serves: precision, defense name and public
     parameters, input shape, classes, the artifact's sha256.  Built from the runner's info and the artifact's own
     public metadata -- never from a vault."""
     info = runner.info
-    record = artifact_metadata(runner).get("defense")
-    defense: dict[str, Any] = {"name": info.defense}
-    if hasattr(runner, "defense") and hasattr(runner.defense, "describe"):  # host-side: the live module says it
-        d = runner.defense.describe()
-        defense.update(params=d.get("params", {}), placement=d.get("placement", "host"))
-    elif isinstance(record, dict) and info.defense != "none":
-        defense.update(params=record.get("params", {}), placement=record.get("placement", "graph"))
+    r = info.defense_record
+    defense: dict[str, Any] = {"name": r.name}
+    if r.name != "none":
+        defense.update(params=dict(r.params), placement=r.placement)
     return {
         "precision": info.precision,
         "defense": defense,

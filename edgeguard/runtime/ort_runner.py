@@ -6,7 +6,7 @@ import numpy as np
 
 from edgeguard.errors import BackendUnavailable, BadInput, OutputContractError
 from edgeguard.fileio import sha256_file
-from edgeguard.runtime.base import Runner, RunnerInfo
+from edgeguard.runtime.base import DefenseRecord, Runner, RunnerInfo
 from edgeguard.runtime.graph import clean_view, contract_violation, probe_outputs
 from edgeguard.runtime.metadata import decode
 
@@ -93,13 +93,12 @@ class OrtRunner(Runner):
             self.outputs_detected, self.outputs_reason = self._probe(shape)
         self._softmax = self.outputs_detected == "logits"
         self._foreign = not meta
-        defense = meta.get("defense", {"name": "none"})
-        if self.undefended:
-            defense = {"name": "none"}
+        record = DefenseRecord() if self.undefended else DefenseRecord.from_record(meta.get("defense"))
         return RunnerInfo(
             backend=self.backend,
             precision=meta.get("precision") or self._detect_precision(),
-            defense=defense.get("name", "none") if isinstance(defense, dict) else str(defense),
+            defense=record.name,
+            defense_record=record,
             input_shape=shape,
             classes=classes,
             sha256=sha256_file(self.path),

@@ -56,7 +56,7 @@ from edgeguard.errors import (
     RemoteError,
     Unreachable,
 )
-from edgeguard.runtime.base import DEFAULT_BATCH, Runner, RunnerInfo
+from edgeguard.runtime.base import DEFAULT_BATCH, DefenseRecord, Runner, RunnerInfo
 from edgeguard.runtime.graph import PROBE_TOL, contract_violation
 from edgeguard.runtime.oip_http import TRANSIENT_STATUS, HttpClient
 
@@ -408,7 +408,7 @@ class RemoteRunner(Runner):
         c_h_w = tuple(None if d < 0 else d for d in shape[1:])
         if pub.get("input_shape"):
             c_h_w = tuple(pub["input_shape"])
-        defense = pub.get("defense") or {}
+        record = DefenseRecord.from_record(pub.get("defense"), default="unknown")  # a foreign server says nothing
         self._classes = k
         self._declared = pub.get("output") == "probabilities"  # edgeguard set this server up
         if self._declared and self.settings.outputs == "logits":
@@ -420,7 +420,8 @@ class RemoteRunner(Runner):
         return RunnerInfo(
             backend=str(pub.get("backend") or self.backend),
             precision=str(pub.get("precision") or "unknown"),
-            defense=str(defense.get("name", "unknown") if isinstance(defense, dict) else defense),
+            defense=record.name,
+            defense_record=record,
             input_shape=c_h_w,  # type: ignore[arg-type]
             classes=classes,
             sha256=str(pub.get("sha256") or ""),

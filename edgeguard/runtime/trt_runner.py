@@ -20,7 +20,7 @@ import numpy as np
 from edgeguard.errors import BackendUnavailable, BadInput, CheckFailed
 from edgeguard.fileio import sha256_file
 from edgeguard.runtime import trt_env
-from edgeguard.runtime.base import Runner, RunnerInfo
+from edgeguard.runtime.base import DefenseRecord, Runner, RunnerInfo
 
 FLAG_OUTPUT = "defense_flag"  # edgeguard.export.heads.FLAG_OUTPUT
 
@@ -105,11 +105,12 @@ class TrtRunner(Runner):
             if n_out < 1:
                 raise BadInput(f"{self.path} does not declare its number of classes (dynamic output and no metadata)")
             classes = tuple(str(i) for i in range(n_out))
-        defense = meta.get("defense", {"name": "none"})
+        record = DefenseRecord.from_record(meta.get("defense"))
         return RunnerInfo(
             backend=self.backend,
             precision=str(m.get("precision") or meta.get("precision") or "fp32"),
-            defense=defense.get("name", "none") if isinstance(defense, dict) else str(defense),
+            defense=record.name,
+            defense_record=record,
             input_shape=shape,  # type: ignore[arg-type]
             classes=classes,
             sha256=sha,

@@ -105,3 +105,23 @@ def test_base_runner_checks_output_shape(tmp_path):
 
     with pytest.raises(BadInput, match="returned shape"):
         Wrong(tmp_path).predict(np.zeros((2, 1, 2, 2), np.float32))
+
+
+def test_every_runner_carries_a_typed_defense_record(tiny_bundle, tiny_onnx, tmp_path):
+    """One record, filled by each runner (graph metadata, a host module, a foreign server), read by every check."""
+    import sys
+    from pathlib import Path
+
+    from edgeguard.api import export_bundle
+    from edgeguard.runtime.base import DefenseRecord
+
+    d = export_bundle(tiny_bundle, tmp_path / "h.onnx", defense="heuristic", defense_params={"beta": 0.6}).path
+    with open_runner(d) as r, open_runner(d, undefended=True) as clean, open_runner(tiny_bundle) as b:
+        assert r.info.defense_record.name == "heuristic" and r.info.defense_record.params["beta"] == 0.6
+        assert r.info.defense_record.placement == "graph" and r.info.to_json()["defense_record"]["name"] == "heuristic"
+        assert clean.info.defense_record == DefenseRecord() and b.info.defense_record == DefenseRecord()
+    sys.path.insert(0, str(Path(__file__).parents[1] / "faults"))
+    from oip_server import OipServer
+
+    with OipServer("ok") as srv, open_runner(srv.url) as remote:
+        assert remote.info.defense == "unknown" and remote.info.defense_record.placement == "unknown"

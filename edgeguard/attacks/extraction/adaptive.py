@@ -265,8 +265,7 @@ def defense_mapping(oracle: QueryOracle, num_classes: int, overrides: dict | Non
             params.update(overrides)
             module = make_defense(name, params, DefenseContext(num_classes=num_classes))
     else:
-        record = (getattr(runner, "metadata", None) or {}).get("defense")
-        params = dict(record.get("params") or {}) if isinstance(record, dict) else {}
+        params = dict(runner.info.defense_record.params)
         params.update(overrides)
         module = make_defense(name, params or None, DefenseContext(num_classes=num_classes))
     if getattr(module, "needs_input", False):
