@@ -676,3 +676,31 @@ def test_pipeline_rejects_a_bad_defense_before_any_work(capsys, tmp_path):
     rc, _, err = run(capsys, "pipeline", "--config", cfg, "--out", tmp_path / "run")
     assert "beta" in user_error(rc, err)
     assert not (tmp_path / "run").exists()
+
+
+def test_one_rule_merges_flags_over_a_config():
+    """docs/cli.md: a given flag replaces, options merge key by key, naming another thing drops the base's options."""
+    from edgeguard.cli.options import merge_flags
+    from edgeguard.config import DataConfig, ModelConfig
+    from edgeguard.training import TrainConfig
+
+    base = DataConfig("synthetic", options={"n": 100, "size": 16})
+    assert merge_flags(base, "data", options={"n": 50}).options == {"n": 50, "size": 16}
+    assert merge_flags(base, "data", name="synthetic", options=None) == base
+    assert merge_flags(base, "data", name="digits").options == {}  # another dataset: its own options only
+    m = ModelConfig("resnet18", options={"width": 8})
+    assert merge_flags(m, "model", arch="smallcnn").options == {}  # the same rule for models (it used to keep them)
+    assert merge_flags(m, "model", options={"depth": 2}).options == {"width": 8, "depth": 2}
+    t = merge_flags(TrainConfig(epochs=3), "train", lr="0.5", epochs=None)  # validated and coerced like YAML
+    assert (t.epochs, t.lr) == (3, 0.5)
+    from edgeguard.errors import BadInput
+
+    with pytest.raises(BadInput, match="train"):
+        merge_flags(TrainConfig, "train", optimizer="lbfgs")
+
+
+def test_a_named_flag_and_a_param_for_the_same_key_is_refused(tiny_onnx, tmp_path, capsys):
+    rc = main(["attack", "extract", str(tiny_onnx), "--method", "knockoff", "--budget", "10", "--epochs", "1",
+               "--param", "epochs=2", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "repeats --epochs" in err[0] and not (tmp_path / "s").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgeguard.attacks.removal import MODES
 from edgeguard.cli.options import (
     ARTIFACT,
     BUNDLE,
@@ -17,7 +18,9 @@ from edgeguard.cli.options import (
     KeyValue,
     _registry_names,
     emit,
+    merge_flags,
 )
+from edgeguard.errors import BadInput
 
 
 @click.group("attack")
@@ -27,7 +30,7 @@ def attack_group() -> None:
 
 @attack_group.command("finetune")
 @BUNDLE
-@click.option("--mode", type=click.Choice(["ftll", "ftal", "rtll", "rtal"]), required=True,
+@click.option("--mode", type=click.Choice(list(MODES)), required=True,
               help="Fine-tune / retrain the last layer / all layers (rt*: the last layer is re-initialised).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Attacked bundle to write (no vault).")
 @click.option("--epochs", type=int, default=None, help="Default 20, as the reference.")
@@ -45,8 +48,9 @@ def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction
     """Removal attack by fine-tuning: FTLL, FTAL, RTLL, RTAL."""
     from edgeguard.attacks import FinetuneConfig, finetune_attack
 
-    cfg = FinetuneConfig(mode=mode).replace(epochs=epochs, lr=lr, batch_size=batch_size, data_fraction=data_fraction,
-                                            dataset=attack_dataset, data_root=data_root, freeze_bn=freeze_bn, seed=seed)
+    cfg = merge_flags(FinetuneConfig, "attack finetune", mode=mode, epochs=epochs, lr=lr, batch_size=batch_size,
+                      data_fraction=data_fraction, dataset=attack_dataset, data_root=data_root, freeze_bn=freeze_bn,
+                      seed=seed)
     res = finetune_attack(bundle, out, cfg)
     acc = f", test accuracy {res.test_accuracy:.4f}" if res.test_accuracy is not None else ""
     div = (f"; the loss stopped being finite at step {res.diverged_at} (the model self-destructed), training stopped "
@@ -57,7 +61,7 @@ def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction
 
 @attack_group.command("extract")
 @ARTIFACT
-@click.option("--method", required=True, help="Extraction attack (e.g. knockoff; see the README for the list).")
+@click.option("--method", type=click.Choice(_registry_names("extraction")), required=True, help="Extraction attack.")
 @click.option("--budget", type=int, required=True, help="Queries to the artifact (counted at its Runner).")
 @click.option("--query-set", default=None, help="Attacker's query pool, a dataset name (default: synthetic, shaped like the victim's input).")
 @click.option("--query-option", "query_options", type=KeyValue(), multiple=True, help="Query-pool dataset option k=v.")
@@ -81,10 +85,13 @@ def attack_extract_cmd(artifact, method, budget, query_set, query_options, query
     from edgeguard.attacks.extraction import extract, method_config
     from edgeguard.config import DataConfig
 
-    given = {"budget": budget, "query_set": query_set, "query_options": dict(query_options) or None,
+    named = {"budget": budget, "query_set": query_set, "query_options": dict(query_options) or None,
              "query_root": str(query_root) if query_root else None, "surrogate": surrogate, "epochs": epochs,
-             "hard_label": hard_label, "seed": seed, **dict(params)}
-    cfg = method_config(method, {k: v for k, v in given.items() if v is not None})
+             "hard_label": hard_label, "seed": seed}
+    twice = sorted(k for k, v in named.items() if v is not None and k in dict(params))
+    if twice:
+        raise BadInput(f"--param {twice[0]}=... repeats --{twice[0].replace('_', '-')}: give it once")
+    cfg = merge_flags(method_config(method, dict(params)), f"attack extract --method {method}", **named)
     res = extract(artifact, out, method, cfg, eval_data=DataConfig(dataset or "digits", root=str(data_root) if data_root else None),
                   reference=reference)
     emit(res, json_path, res.summary())

@@ -19,6 +19,7 @@ from edgeguard.cli.options import (
     _data_config,
     _default_data,
     emit,
+    merge_flags,
 )
 
 
@@ -34,12 +35,9 @@ from edgeguard.cli.options import (
 def bench_cmd(artifacts, batch_sizes, warmup, iterations, device, seed, json_path):
     """Latency (p50/p90) and throughput of artifacts side by side; ratios against the first."""
     from edgeguard.api import bench_artifacts
-    from edgeguard.config import Config
     from edgeguard.evaluate import BenchConfig
 
-    cfg: Config = BenchConfig.from_mapping(
-        {"batch_sizes": batch_sizes, "warmup": warmup, "iterations": iterations, "seed": seed or 0}, what="bench"
-    )
+    cfg = merge_flags(BenchConfig, "bench", batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, seed=seed)
     res = bench_artifacts(list(artifacts), cfg, device=device)
     emit(res, json_path, res.table())
 
@@ -68,9 +66,9 @@ def build_engine_cmd(onnx_path, out, fp16, workspace_mib, timing_cache, min_batc
     """
     from edgeguard.export.tensorrt import EngineConfig, build_engine
 
-    cfg = EngineConfig().replace(fp16=fp16, workspace_mib=workspace_mib,
-                                 timing_cache=str(timing_cache) if timing_cache else None, min_batch=min_batch,
-                                 opt_batch=opt_batch, max_batch=max_batch, optimization_level=optimization_level)
+    cfg = merge_flags(EngineConfig, "build-engine", fp16=fp16, workspace_mib=workspace_mib,
+                      timing_cache=str(timing_cache) if timing_cache else None, min_batch=min_batch,
+                      opt_batch=opt_batch, max_batch=max_batch, optimization_level=optimization_level)
     res = build_engine(onnx_path, out, cfg)
     p = res.profile
     emit(res, json_path, f"wrote {res.engine} ({res.bytes:,} bytes, {res.precision}, sha256 {res.sha256[:12]}) with "
@@ -92,7 +90,8 @@ def golden_cmd(artifact, out, vault, dataset, data_root, split, n, json_path):
     """Record golden outputs of an artifact on CPU (normally the shipped .onnx in ONNX Runtime)."""
     from edgeguard.evaluate.golden import GoldenConfig, record_golden
 
-    cfg = GoldenConfig(data=_data_config(dataset, data_root, (), _default_data(artifact))).replace(split=split, n=n)
+    cfg = merge_flags(GoldenConfig, "golden", data=_data_config(dataset, data_root, (), _default_data(artifact)),
+                      split=split, n=n)
     res = record_golden(artifact, out, cfg, vault=vault)
     groups = ", ".join(f"{k} {v}" for k, v in res.groups.items())
     emit(res, json_path, f"wrote {res.path} (sha256 {res.sha256[:12]}): {groups} inputs through {artifact} "

@@ -32,7 +32,34 @@ def _scalar(v: str) -> Any:
         return v
 
 
+def merge_flags(base: Any, what: str, **flags: Any) -> Any:
+    """The one rule for flags over a config (docs/cli.md): a flag given (not None) replaces the config's value,
+    everything else keeps it; an ``options`` mapping merges key by key, unless the flag names another thing
+    (``name`` / ``arch``), whose options the base's do not describe.  The result goes through ``from_mapping``, so
+    flag values are validated and coerced like YAML.  ``base`` is a config or a config class (its defaults)."""
+    import dataclasses
+
+    cls = base if isinstance(base, type) else type(base)
+    values = {} if isinstance(base, type) else {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    given = {k: v for k, v in flags.items() if v is not None}
+    renamed = any(k in given and given[k] != values.get(k) for k in ("name", "arch")) and not isinstance(base, type)
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(values.get(k), dict) and not renamed:
+            values[k] = {**values[k], **v}
+        else:
+            values[k] = v
+    if renamed:
+        for k in ("options", "root"):
+            if k not in given and k in values:
+                values.pop(k)
+    return cls.from_mapping(values, what=what)
+
+
 def _registry_names(kind: str) -> list[str]:
+    if kind == "extraction":
+        from edgeguard.attacks import ATTACKS
+
+        return ATTACKS.names(family="extraction")
     if kind == "model":
         from edgeguard.models import MODELS
 
@@ -103,12 +130,7 @@ SPLIT = click.option("--split", type=click.Choice(["train", "test"]), default="t
 def _data_config(dataset: str | None, root: str | None, options: tuple, default: Any = None):
     from edgeguard.config import DataConfig
 
-    base = default or DataConfig()
-    if dataset is not None and dataset != base.name:
-        base = DataConfig(name=dataset)  # another dataset: the default's root and options do not apply to it
-    opts = dict(base.options)
-    opts.update(dict(options))
-    return DataConfig(name=dataset or base.name, root=root if root is not None else base.root, options=opts)
+    return merge_flags(default or DataConfig(), "data", name=dataset, root=root, options=dict(options) or None)
 
 
 def _default_data(artifact: Path):

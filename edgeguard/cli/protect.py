@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgeguard.cli.options import ARTIFACT, BUNDLE, DEVICE, JSON_OUT, SEED, emit
+from edgeguard.cli.options import ARTIFACT, BUNDLE, DEVICE, JSON_OUT, SEED, emit, merge_flags
 
 
 @click.group("protect")
@@ -35,10 +35,10 @@ def protect_watermark_cmd(bundle, out, trigger_dir, labels, n_triggers, renderer
     """Embed a backdoor watermark (Adi et al. 2018) with a secret trigger set."""
     from edgeguard.protect import WatermarkConfig, embed_watermark
 
-    cfg = WatermarkConfig().replace(
-        trigger_dir=str(trigger_dir) if trigger_dir else None, labels=str(labels) if labels else None,
-        n_triggers=n_triggers, renderer=renderer, mode=mode, epochs=epochs, lr=lr, trigger_batch=trigger_batch,
-        alpha=alpha, seed=seed,
+    cfg = merge_flags(
+        WatermarkConfig, "protect watermark", trigger_dir=str(trigger_dir) if trigger_dir else None,
+        labels=str(labels) if labels else None, n_triggers=n_triggers, renderer=renderer, mode=mode, epochs=epochs,
+        lr=lr, trigger_batch=trigger_batch, alpha=alpha, seed=seed,
     )
     res = embed_watermark(bundle, out, cfg, key_seed=key_seed)
     emit(res, json_path, f"watermarked bundle {res.bundle}: {res.n} triggers (key sha256 {res.key_sha256[:16]}), "
@@ -66,7 +66,8 @@ def protect_magicguard_cmd(bundle, out, a, w, site, ratio, variant, seed, json_p
     """
     from edgeguard.protect.magicguard import MagicGuardConfig, protect_magicguard
 
-    cfg = MagicGuardConfig().replace(a=a, w=w, site=site, ratio=ratio, variant=variant, seed=seed)
+    cfg = merge_flags(MagicGuardConfig, "protect magicguard", a=a, w=w, site=site, ratio=ratio, variant=variant,
+                      seed=seed)
     res = protect_magicguard(bundle, out, cfg)
     trig = (f", trigger accuracy {res.trigger_accuracy_before:.3f} -> {res.trigger_accuracy_after:.3f}"
             if res.trigger_accuracy_before is not None else "")
@@ -105,9 +106,8 @@ def protect_fragile_cmd(artifact, out, surrogate, key_sha256, n, a, margin, step
     """
     from edgeguard.protect.fragile import EnrolConfig, FragileConfig, protect_fragile
 
-    cfg = FragileConfig().replace(n=n, a=a, margin=margin, steps=steps, variant=variant, seed=seed)
-    given = {"repeats": repeats, "batch_sizes": batch_sizes}
-    enrol_cfg = EnrolConfig.from_mapping({k: v for k, v in given.items() if v is not None}, what="enrolment")
+    cfg = merge_flags(FragileConfig, "protect fragile", n=n, a=a, margin=margin, steps=steps, variant=variant, seed=seed)
+    enrol_cfg = merge_flags(EnrolConfig, "enrolment", repeats=repeats, batch_sizes=batch_sizes)
     res = protect_fragile(artifact, out, cfg, enrol_cfg, surrogate=surrogate, key_sha256=key_sha256, device=device)
     g = res.generation
     gen = (f"generated against {res.surrogate} in {g['steps']} steps (a = {g['a']:.4g}, mean top-1 probability "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgeguard.cli.options import BUNDLE, DATA_ROOT, JSON_OUT, SEED, _registry_names, emit
+from edgeguard.cli.options import BUNDLE, DATA_ROOT, JSON_OUT, SEED, _registry_names, emit, merge_flags
 
 
 @click.command("quantize")
@@ -32,10 +32,10 @@ def quantize_cmd(bundle, mode, target, out, calibration, calib_samples, calib_da
     """Quantize a bundle to INT8 (PT2E PTQ or QAT); the result carries a QDQ ONNX graph."""
     from edgeguard.quantize import PtqConfig, QatConfig, quantize_bundle
 
-    base = PtqConfig(target=target).replace(calibration=calibration, calib_samples=calib_samples, calib_dataset=calib_dataset,
-                                            calib_root=data_root, exclude=tuple(exclude) or None, seed=seed)
-    cfg = base if mode == "ptq" else QatConfig(base=base).replace(epochs=epochs, lr=lr,
-                                                                   freeze_observers_epoch=freeze_observers_epoch, seed=seed)
+    base = merge_flags(PtqConfig, "quantize", target=target, calibration=calibration, calib_samples=calib_samples,
+                       calib_dataset=calib_dataset, calib_root=data_root, exclude=tuple(exclude) or None, seed=seed)
+    cfg = base if mode == "ptq" else merge_flags(QatConfig, "quantize", base=base, epochs=epochs, lr=lr,
+                                                 freeze_observers_epoch=freeze_observers_epoch, seed=seed)
     res = quantize_bundle(bundle, out, cfg)
     emit(res, json_path, f"INT8 bundle {res.bundle} ({res.mode}, target {res.target}): {res.qdq_nodes} Q/DQ nodes, "
                          f"QDQ graph {res.onnx_bytes:,} bytes")

@@ -20,6 +20,7 @@ from edgeguard.cli.options import (
     _registry_names,
     emit,
     floats,
+    merge_flags,
     shape,
 )
 
@@ -48,15 +49,14 @@ def train_cmd(dataset, data_root, data_options, arch, model_options, config_path
               schedule, augment, early_stop_patience, max_steps, out, seed, device, json_path):
     """Train a model on a dataset and write a bundle."""
     from edgeguard.api import train_bundle
-    from edgeguard.config import ModelConfig
     from edgeguard.pipeline import PipelineConfig
 
     base = PipelineConfig.load(config_path) if config_path else PipelineConfig()
     data = _data_config(dataset, data_root, data_options, base.data)
-    model = ModelConfig(arch=arch or base.model.arch, options={**base.model.options, **dict(model_options)})
-    train = base.train_config().replace(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-                                        augment=augment, early_stop_patience=early_stop_patience, max_steps=max_steps,
-                                        seed=seed, device=device)
+    model = merge_flags(base.model, "model", arch=arch, options=dict(model_options) or None)
+    train = merge_flags(base.train_config(), "train", epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                        schedule=schedule, augment=augment, early_stop_patience=early_stop_patience,
+                        max_steps=max_steps, seed=seed, device=device)
     res = train_bundle(data, model, train, out)
     last = res.fit.history[-1]
     emit(res, json_path, f"bundle {res.bundle} (sha256 {res.sha256[:12]}): {res.arch} on {res.dataset}, "
@@ -114,18 +114,18 @@ def export_cmd(bundle, out, fmt, opset, max_batch, defense, defense_params, name
     wrap_flags = {"outputs": outputs, "mean": floats(mean, "--mean"), "std": floats(std, "--std"), "layout": layout,
                   "input_shape": shape(input_shape),
                   "classes": parse_classes(classes, None) if classes is not None else None}
-    wrap = WrapConfig().replace(**wrap_flags) if any(v is not None for v in wrap_flags.values()) else None
+    wrap = merge_flags(WrapConfig, "export", **wrap_flags) if any(v is not None for v in wrap_flags.values()) else None
     data = _data_config(dataset, data_root, data_options) if dataset or data_root or data_options else None
     seed = 0 if seed is None else seed
     if fmt == "triton-repo":
-        cfg = TritonRepoConfig(name=name, instances=instances, kind=kind).replace(max_batch=max_batch)
+        cfg = merge_flags(TritonRepoConfig, "export", name=name, instances=instances, kind=kind, max_batch=max_batch)
         res = export_triton_repo(bundle, out, cfg, defense=defense, defense_params=dict(defense_params),
-                                 export=ExportConfig().replace(opset=opset), wrap=wrap, data=data, seed=seed)
+                                 export=merge_flags(ExportConfig, "export", opset=opset), wrap=wrap, data=data, seed=seed)
         emit(res, json_path, f"wrote {res.model_dir}: {res.platform}, max_batch_size {cfg.max_batch}, "
                              f"{cfg.instances} instance(s), defense {res.info['defense']['name']}, "
                              f"model sha256 {res.sha256[:12]}")
         return
-    res = export_bundle(bundle, out, ExportConfig().replace(opset=opset, max_batch=max_batch), defense=defense,
+    res = export_bundle(bundle, out, merge_flags(ExportConfig, "export", opset=opset, max_batch=max_batch), defense=defense,
                         defense_params=dict(defense_params), wrap=wrap, data=data, seed=seed)
     if hasattr(res, "original_sha256"):  # a third-party graph, wrapped
         emit(res, json_path, wrap_summary(res))
