@@ -1,4 +1,4 @@
-"""The attack registry: removal attacks (``family="removal"``) now, extraction attacks later."""
+"""The attack registry: removal attacks (``family="removal"``) and extraction attacks (``family="extraction"``)."""
 
 from edgeguard.registry import Registry
 

@@ -1,6 +1,6 @@
 """Build a TensorRT engine from an exported ONNX graph: ``build_engine(onnx, out, EngineConfig)``.
 
-Spec: ../shared/specs/quantize-export-deploy.md, section 5.  One code path for TensorRT 10.x and 11.x:
+The TensorRT facts it relies on, with sources: docs/tensorrt.md.  One code path for TensorRT 10.x and 11.x:
 
 - The default build is a **strongly typed** network (``STRONGLY_TYPED`` on 10.x; always on in 11.x, where the flag
   is deprecated and ignored).  Precision then follows the graph: INT8 only where the QDQ graph has Q/DQ nodes,

@@ -1,6 +1,6 @@
 """MagicGuard: self-destruction against fine-tuning, ``y = x + a·sin(w·x)`` at the logits or after a named layer.
 
-Spec: ../shared/specs/magicguard.md.  The forward change is bounded by ``a`` (the top-1 cannot change where
+Method: docs/magicguard.md.  The forward change is bounded by ``a`` (the top-1 cannot change where
 the top-2 logit gap exceeds 2a); the backward multiplier ``1 + a·w·cos(w·x)`` has amplitude ``a·w`` (100 by
 default) with an effectively random phase, so gradient-based fine-tuning through the guard drives the weights
 off their minimum and accuracy collapses.  There are no weights and no training: inserting the guard is a

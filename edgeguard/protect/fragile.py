@@ -1,6 +1,6 @@
 """Fragile triggers (Yin, Yin & Zhang, ICIP 2022): detect any modification of a deployed model, zero false alarms.
 
-Spec: ../shared/specs/fragile-triggers.md.  A small generator G maps n fixed latents to n trigger images, trained
+Method and measurements: docs/fragile.md (Yin et al., ICIP 2022).  A small generator G maps n fixed latents to n trigger images, trained
 (through the one training loop) so that the frozen classifier C labels trigger i as ``s_i = i mod M`` while its
 softmax on every trigger is as flat as possible (``L = CE(P, s) + a·Var(P)``): the triggers sit next to several
 decision boundaries, so almost any change of C flips some of them.  C is never modified (checked by hash).

@@ -2,7 +2,7 @@
 
 The guard itself (``y = x + a·sin(w·x)``, its config, :func:`attach`, :func:`strip`, :func:`owner_gradients` and the
 exported-graph checks) is part of the model and lives in :mod:`edgeguard.models.guard`, so a bundle rebuilds a
-guarded model without importing a protection; it is re-exported here.  Spec: ../shared/specs/magicguard.md.
+guarded model without importing a protection; it is re-exported here.  Method and measurements: docs/magicguard.md.
 """
 
 from __future__ import annotations
