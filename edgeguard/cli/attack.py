@@ -61,7 +61,8 @@ def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction
 
 @attack_group.command("extract")
 @ARTIFACT
-@click.option("--method", type=click.Choice(_registry_names("extraction")), required=True, help="Extraction attack.")
+@click.option("--method", required=True,
+              help="Extraction attack: " + ", ".join(_registry_names("extraction")) + ".")
 @click.option("--budget", type=int, required=True, help="Queries to the artifact (counted at its Runner).")
 @click.option("--query-set", default=None, help="Attacker's query pool, a dataset name (default: synthetic, shaped like the victim's input).")
 @click.option("--query-option", "query_options", type=KeyValue(), multiple=True, help="Query-pool dataset option k=v.")

@@ -32,7 +32,7 @@ def _scalar(v: str) -> Any:
         return v
 
 
-def merge_flags(base: Any, what: str, **flags: Any) -> Any:
+def merge_flags(base: Any, what: str, /, **flags: Any) -> Any:
     """The one rule for flags over a config (docs/cli.md): a flag given (not None) replaces the config's value,
     everything else keeps it; an ``options`` mapping merges key by key, unless the flag names another thing
     (``name`` / ``arch``), whose options the base's do not describe.  The result goes through ``from_mapping``, so
