@@ -172,6 +172,9 @@ def test_protect_fragile_verify_evaluate_and_extract_on_the_wrapped_graph(third,
     assert main(["-q", "evaluate", r["path"], "--dataset", "digits", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == pytest.approx(acc, abs=1e-6)
     assert main(["-q", "attack", "extract", r["path"], "--method", "knockoff", "--budget", "500", "--epochs", "10",
-                 "--out", str(tmp_path / "ko"), "--json", str(tmp_path / "k.json")]) == 0
+                 "--query-set", "digits", "--out", str(tmp_path / "ko"), "--json", str(tmp_path / "k.json")]) == 0
     k = json.loads((tmp_path / "k.json").read_text())
-    assert k["queries_used"] <= 500 and k["fidelity"] > 0.3  # (3 epochs on 300 queries: 0.13-0.35 across runs)
+    print("knockoff on the wrapped graph: fidelity", k["fidelity"])
+    # the attacker holds natural digits (train split; on synthetic noise fidelity ranged 0.13-0.57 across machines,
+    # on MNIST resized to 32x32 0.09-0.14)
+    assert k["queries_used"] <= 500 and k["fidelity"] > 0.6

@@ -191,6 +191,7 @@ def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str |
                              http_port=cfg.http_port, grpc_port=cfg.grpc_port, metrics_port=cfg.metrics_port,
                              exit_timeout_secs=cfg.exit_timeout_s, strict_readiness=True, log_verbose=0,
                              log_file=log_path)
+        _quiet_resource_tracker()
         security = TritonSecurityConfig()  # PyTriton's default: statistics & co. behind a generated token
         triton = Triton(config=tconf, security_config=security)
         infer = [_Batches(r, counters, lock) for r in runners]
@@ -272,6 +273,26 @@ def _reap_stubs(shm_prefix: str) -> list[int]:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return doomed
+
+
+def _quiet_resource_tracker() -> None:
+    """Start this process's multiprocessing resource tracker with its "leaked shared_memory objects" warning off.
+
+    PyTriton's tensor store registers its shared-memory segments with the tracker; when tritonserver dies the store
+    is not closed, and the tracker unlinks the segments at exit (the cleanup we want) but also prints a warning
+    after serve's one-sentence error.  The filter applies to the tracker process only."""
+    from multiprocessing import resource_tracker
+
+    before = os.environ.get("PYTHONWARNINGS")
+    rule = "ignore:resource_tracker:UserWarning"
+    os.environ["PYTHONWARNINGS"] = f"{before},{rule}" if before else rule
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = before
 
 
 @contextlib.contextmanager
