@@ -207,7 +207,7 @@ def generate(model: nn.Module, input_shape: tuple[int, int, int], num_classes: i
     key = secret_key(cfg.n, num_classes)
     a = cfg.weight(num_classes)
     gamma = cfg.floor_margin if cfg.floor_margin is not None else cfg.margin / 2
-    total = restarts = 0
+    total = 0
 
     def images(train_round: bool) -> torch.Tensor:
         u = gen(z)
@@ -239,7 +239,7 @@ def generate(model: nn.Module, input_shape: tuple[int, int, int], num_classes: i
         with owner_gradients(model):  # a MagicGuard model: the owner's gradients bypass the ripple
             if cfg.variant != "non":
                 dummy = TensorData(torch.zeros(1), torch.zeros(1))
-                chunk, best, since = cfg.steps, -1, 0  # best hit count so far; the step count it was reached at
+                chunk = cfg.steps
                 while True:
                     fit(gen, dummy, TrainConfig(epochs=chunk, batch_size=1, optimizer="adam", lr=cfg.lr, weight_decay=0.0,
                                                 schedule="none", seed=cfg.seed + total), step=step,
@@ -247,17 +247,11 @@ def generate(model: nn.Module, input_shape: tuple[int, int, int], num_classes: i
                     total += chunk
                     imgs = stored()
                     x = imgs.float() / 255 if cfg.uint8 else imgs
-                    missed = _probs(model, x).argmax(1) != key
-                    hits = cfg.n - int(missed.sum())
+                    hits = int((_probs(model, x).argmax(1) == key).sum())
                     if cfg.variant == "var" or hits == cfg.n or total >= cfg.step_limit:
                         break
-                    if hits > best:
-                        best, since = hits, total
-                    elif total - since >= cfg.steps:  # no progress for `steps` steps: fresh latents for the misses
-                        z[missed] = torch.randn(int(missed.sum()), cfg.latent, generator=g)
-                        restarts, since = restarts + 1, total
-                    log(f"fragile generator: {hits}/{cfg.n} triggers carry their key after {total} steps; continuing"
-                        + (f" ({restarts} restarts of stalled latents)" if restarts else ""), quiet=quiet)
+                    log(f"fragile generator: {hits}/{cfg.n} triggers carry their key after {total} steps; continuing",
+                        quiet=quiet)
                     chunk = min(100, cfg.step_limit - total)
             imgs = stored()
     finally:
@@ -271,7 +265,6 @@ def generate(model: nn.Module, input_shape: tuple[int, int, int], num_classes: i
     if cfg.variant in ("non", "var"):
         key = probs.argmax(1)
     stats = {**trigger_stats(probs, key), "steps": total, "a": a, "variant": cfg.variant, "model_sha256": before,
-             "latent_restarts": restarts,
              "margin_floor_used": bool(cfg.floor > 0 and total > cfg.steps and cfg.variant not in ("non", "var"))}
     if stats["acctri"] < 1.0:
         raise CheckFailed(f"the generator reached AccTri {stats['acctri']:.2f} < 1.0 on the model after {total} steps; "
