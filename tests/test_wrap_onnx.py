@@ -174,7 +174,6 @@ def test_protect_fragile_verify_evaluate_and_extract_on_the_wrapped_graph(third,
     assert main(["-q", "attack", "extract", r["path"], "--method", "knockoff", "--budget", "500", "--epochs", "10",
                  "--query-set", "digits", "--out", str(tmp_path / "ko"), "--json", str(tmp_path / "k.json")]) == 0
     k = json.loads((tmp_path / "k.json").read_text())
-    print("knockoff on the wrapped graph: fidelity", k["fidelity"])
     # the attacker holds natural digits (train split; on synthetic noise fidelity ranged 0.13-0.57 across machines,
     # on MNIST resized to 32x32 0.09-0.14)
     assert k["queries_used"] <= 500 and k["fidelity"] > 0.6
