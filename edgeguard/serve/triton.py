@@ -234,7 +234,7 @@ def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str |
         if triton is not None:
             with contextlib.suppress(Exception):
                 triton.stop()
-            _reap_stubs(f"pytrtion{os.getpid()}-")
+            _reap_leftovers(f"pytrtion{os.getpid()}-")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for r in runners:
@@ -246,12 +246,15 @@ def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str |
                        seconds=round(time.perf_counter() - t0, 2), stopped_by=stopped_by[0])
 
 
-def _reap_stubs(shm_prefix: str) -> list[int]:
-    """Kill this server's Python-backend stubs (and their children) if they outlived tritonserver.
+def _reap_leftovers(shm_prefix: str, grace_s: float = 5.0) -> list[int]:
+    """Kill this server's tritonserver and Python-backend stubs (and their children) if they outlived ``stop``.
 
     When in-flight requests outlast Triton's exit timeout, tritonserver exits without unloading the model, and the
     stub -- which does not watch its parent -- polls on forever.  A stub is recognised by its shared-memory prefix
-    argument, which PyTriton derives from this process's pid."""
+    argument, which PyTriton derives from this process's pid.  PyTriton's stop gives up silently when tritonserver
+    ignores SIGINT and then SIGKILL within its wait (a loaded machine), so a tritonserver child still running is
+    killed here too, and the call waits up to ``grace_s`` for every killed process to be gone."""
+    me = os.getpid()
     procs: dict[int, tuple[int, str]] = {}
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if not entry.name.isdigit():
@@ -262,7 +265,9 @@ def _reap_stubs(shm_prefix: str) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
         procs[int(entry.name)] = (ppid, cmd)
-    doomed = [pid for pid, (_, cmd) in procs.items() if "triton_python_backend_stub" in cmd and shm_prefix in cmd]
+    doomed = [pid for pid, (ppid, cmd) in procs.items()
+              if ("triton_python_backend_stub" in cmd and shm_prefix in cmd)
+              or (ppid == me and "tritonserver" in cmd.split(" ", 1)[0])]
     frontier = list(doomed)
     while frontier:
         parent = frontier.pop()
@@ -272,7 +277,18 @@ def _reap_stubs(shm_prefix: str) -> list[int]:
     for pid in doomed:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    while doomed and any(_running(p) for p in doomed) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return doomed
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and has not exited (a zombie waiting for its parent to reap it has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _quiet_resource_tracker() -> None:
