@@ -240,3 +240,25 @@ def test_generator_step_limit_follows_steps():
     assert FragileConfig(steps=10, max_steps=20).step_limit == 20
     with pytest.raises(BadInput):
         FragileConfig(steps=10, max_steps=5)
+
+
+def test_refinement_puts_the_triggers_a_stalled_generator_left_behind_on_their_key(tiny_bundle):
+    """A generator stopped after 5 steps leaves most triggers off their key; without refinement that is an error,
+    with it every trigger carries its key with a margin >= gamma/2 on the stored uint8 grid, and the refined
+    triggers stay near the boundary (key probability far from 1)."""
+    from edgeguard.errors import CheckFailed
+    from edgeguard.protect.fragile import _margins, _refine
+
+    model = load_bundle(tiny_bundle).load_model()
+    short = FragileConfig(n=20, steps=5, max_steps=5)
+    with pytest.raises(CheckFailed, match="AccTri"):
+        generate(model, (1, 32, 32), 10, short.replace(refine_steps=0))
+    key = generate(model, (1, 32, 32), 10, short)
+    assert key.stats["refined"]["triggers"] >= 5 and 0 < key.stats["refined"]["steps"] <= short.refine_steps
+    assert key.stats["acctri"] == 1.0 and key.images.dtype == torch.uint8
+    with torch.no_grad():
+        logits = model(key.as_float())
+    assert float(_margins(logits, key.key).min()) >= short.margin / 4
+    assert key.stats["mean_top1_probability"] < 0.5
+    again, info = _refine(model, key.images, key.key, short, short.weight(10), short.margin / 2, quiet=True)
+    assert info["triggers"] == 0 and torch.equal(again, key.images)  # triggers already on their key are untouched
