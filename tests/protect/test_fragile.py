@@ -262,3 +262,27 @@ def test_refinement_puts_the_triggers_a_stalled_generator_left_behind_on_their_k
     assert key.stats["mean_top1_probability"] < 0.5
     again, info = _refine(model, key.images, key.key, short, short.weight(10), short.margin / 2, quiet=True)
     assert info["triggers"] == 0 and torch.equal(again, key.images)  # triggers already on their key are untouched
+
+
+def test_a_key_class_the_model_cannot_reach_keeps_the_models_label_within_the_limit(tiny_bundle):
+    """A classifier that never outputs class 9: the two triggers keyed 9 (of 20) keep the model's own label and are
+    listed as rekeyed; with max_rekeyed 0 the same generation is refused."""
+    from edgeguard.errors import CheckFailed
+
+    base = load_bundle(tiny_bundle).load_model()
+
+    class NoNine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x) - 1e3 * torch.nn.functional.one_hot(torch.tensor(9), 10).float()
+
+    cfg = FragileConfig(n=20, steps=50, max_steps=50, refine_steps=100)
+    key = generate(NoNine(), (1, 32, 32), 10, cfg)
+    assert key.stats["rekeyed"] == [9, 19] and key.stats["secret_key_agreement"] == pytest.approx(0.9)
+    assert key.stats["acctri"] == 1.0 and 9 not in key.key.tolist()
+    assert torch.equal(key.key[:9], secret_key(20, 10)[:9])
+    with pytest.raises(CheckFailed, match="own label"):
+        generate(NoNine(), (1, 32, 32), 10, cfg.replace(max_rekeyed=0.0))
