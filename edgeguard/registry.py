@@ -24,7 +24,7 @@ from typing import Any
 
 from edgeguard.errors import BadInput
 
-_NAME = re.compile(r"^[a-z0-9_]+$")
+_NAME = re.compile(r"^([a-z0-9_]+:)?[a-z0-9_]+$")  # an optional namespace: ``art:knockoff`` runs another library's code
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Registry:
 
     def register(self, name: str, *, config: type | None = None, **meta: Any) -> Callable:
         if not _NAME.match(name):
-            raise ValueError(f"{self.kind} name {name!r} must match [a-z0-9_]+")
+            raise ValueError(f"{self.kind} name {name!r} must match [a-z0-9_]+, optionally after a namespace and ':'")
 
         def deco(fn: Callable) -> Callable:
             if name in self._entries:

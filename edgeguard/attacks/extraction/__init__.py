@@ -1,6 +1,6 @@
 """Model-extraction attacks against deployed artifacts (registered in ``ATTACKS`` with ``family="extraction"``)."""
 
-from edgeguard.attacks.extraction import adaptive, datafree, jbda, knockoff  # noqa: F401  (register the entries)
+from edgeguard.attacks.extraction import adaptive, art_attacks, datafree, jbda, knockoff  # noqa: F401  (register)
 from edgeguard.attacks.extraction.base import (
     BudgetExceeded,
     ExtractionConfig,
