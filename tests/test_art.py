@@ -12,8 +12,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning") 
 
 from art.defences.postprocessor import ClassLabels, ReverseSigmoid, Rounded  # noqa: E402
 
-from edgeguard.art_bridge import as_art_classifier, as_art_postprocessor  # noqa: E402
 from edgeguard.attacks.extraction import BudgetExceeded  # noqa: E402
+from edgeguard.attacks.extraction.art_bridge import as_art_classifier, as_art_postprocessor  # noqa: E402
 from edgeguard.defenses import DefenseContext, make_defense  # noqa: E402
 from edgeguard.errors import BadInput  # noqa: E402
 from edgeguard.runtime import open_runner  # noqa: E402

@@ -1,6 +1,6 @@
 """Model-extraction attacks against deployed artifacts (registered in ``ATTACKS`` with ``family="extraction"``)."""
 
-from edgeguard.attacks.extraction import adaptive, art_attacks, datafree, jbda, knockoff  # noqa: F401  (register)
+from edgeguard.attacks.extraction import adaptive, art_bridge, datafree, jbda, knockoff  # noqa: F401  (register)
 from edgeguard.attacks.extraction.base import (
     BudgetExceeded,
     ExtractionConfig,
