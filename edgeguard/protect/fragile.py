@@ -191,7 +191,8 @@ def trigger_stats(probs: torch.Tensor, key: torch.Tensor) -> dict[str, Any]:
     }
 
 
-STALL_STEPS = 500  # generator steps without a new trigger reaching its key before refinement takes over
+STALL_STEPS = 1500  # generator steps without a new trigger reaching its key before refinement takes over (at 500 one VGG
+# graph was cut at 800 steps with AccTri 0.10: its progress comes in late jumps)
 
 
 def _margins(logits: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
