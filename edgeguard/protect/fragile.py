@@ -279,7 +279,8 @@ def _refine(model: nn.Module, imgs: torch.Tensor, key: torch.Tensor, cfg: Fragil
         log(f"fragile generator: {len(stuck)} triggers still off their key; restarting them from the nearest trigger",
             quiet=quiet)
         xs, ms, more = _pixel_search(model, torch.stack(starts), key[stuck], cfg, 0.0, gamma, latest=False)
-        x[stuck], margins[stuck] = xs, ms
+        gain = ms > margins[stuck]  # a restart that does worse than where the trigger was is dropped
+        x[stuck[gain]], margins[stuck[gain]] = xs[gain], ms[gain]
         steps += more
     out = imgs.clone()
     out[todo] = torch.round(x[todo] * 255).to(torch.uint8) if cfg.uint8 else x[todo]
