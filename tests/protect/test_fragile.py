@@ -89,6 +89,30 @@ def test_differentiable_copy_matches_onnx_runtime(which, request, digits_test):
     assert float(xg.grad.abs().sum()) > 0
 
 
+def test_the_copy_leaks_gradient_through_relu_and_none_past_a_clamp():
+    """Two backward rules for the owner's optimiser, forward values untouched (ONNX Runtime's): a relu whose input is
+    negative passes 1% of the gradient (an all-off hidden layer is not a dead end), and a QuantizeLinear passes none
+    where it clamped (pushing a saturated value further out does not help)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale, zp = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.int8(0), "z")
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+         helper.make_node("Relu", ["d"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[scale, zp])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = torch.tensor([[-0.5, 0.3, 5.0, 20.0]], requires_grad=True)  # int8 at scale 0.1 clamps above 12.7
+    y = OnnxModule(proto)(x)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.allclose(y.detach().numpy(), sess.run(None, {"x": x.detach().numpy()})[0])
+    y.sum().backward()
+    assert x.grad.tolist() == [[pytest.approx(0.01), 1.0, 1.0, 0.0]]
+    onnx.checker.check_model(proto)
+
+
 def test_differentiable_copy_refuses_unknown_operators(tiny_onnx):
     import onnx
 
@@ -247,7 +271,7 @@ def test_refinement_puts_the_triggers_a_stalled_generator_left_behind_on_their_k
     with it every trigger carries its key with a margin >= gamma/2 on the stored uint8 grid, and the refined
     triggers stay near the boundary (key probability far from 1)."""
     from edgeguard.errors import CheckFailed
-    from edgeguard.protect.fragile import _margins, _refine
+    from edgeguard.protect.fragile.refine import _margins, _refine
 
     model = load_bundle(tiny_bundle).load_model()
     short = FragileConfig(n=20, steps=5, max_steps=5)
