@@ -27,8 +27,8 @@ from edgeguard.errors import BadInput
 from edgeguard.fileio import atomic_dir, atomic_write, atomic_write_json, sha256_file
 from edgeguard.models import create_model
 from edgeguard.models.guard import MagicGuardConfig, attach
-from edgeguard.models.imported import PROGRAM_FILE as PROGRAM
 from edgeguard.models.imported import build_imported
+from edgeguard.models.sources import PROGRAM_FILE as PROGRAM
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.pt"

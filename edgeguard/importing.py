@@ -20,18 +20,8 @@ from edgeguard.errors import BadInput, CheckFailed
 from edgeguard.fileio import sha256_bytes
 from edgeguard.models import count_parameters
 from edgeguard.models.base import EdgeModel
-from edgeguard.models.imported import (
-    ARCH,
-    ImportedNet,
-    call_factory,
-    factory_record,
-    find_head,
-    fit_weights,
-    load_program,
-    probe,
-    program_input_shape,
-    read_weights,
-)
+from edgeguard.models.imported import ImportedNet, find_head, fit_weights, probe, read_weights
+from edgeguard.models.sources import ARCH, call_factory, factory_record, load_program, program_input_shape
 
 REBUILD_ATOL = 1e-5
 

@@ -23,8 +23,8 @@ from edgeguard.config import Config, require
 from edgeguard.errors import BadInput
 from edgeguard.fileio import atomic_dir, sha256_file
 from edgeguard.runtime import artifact_kind, open_runner
+from edgeguard.runtime.endpoint import PARAMETER
 from edgeguard.runtime.metadata import decode, public_info
-from edgeguard.runtime.remote import PARAMETER
 from edgeguard.runtime.trt_env import read_manifest
 
 

@@ -14,7 +14,7 @@ from edgeguard.bundle import is_bundle, load_bundle
 from edgeguard.errors import BadInput
 from edgeguard.runtime.base import Runner, RunnerInfo
 from edgeguard.runtime.defended import HostDefenseRunner, load_host_defense
-from edgeguard.runtime.remote import is_remote, parse_endpoint, remote_settings
+from edgeguard.runtime.endpoint import is_remote, parse_endpoint, remote_settings
 from edgeguard.training import resolve_device
 
 _BACKENDS = {

@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edgeguard.errors import DeadlineExceeded, ProtocolViolation, Unreachable
+import numpy as np
+
+from edgeguard.errors import DeadlineExceeded, OutputContractError, ProtocolViolation, Unreachable
+from edgeguard.runtime.endpoint import NUMERIC
 
 MAX_HEADER_BYTES = 64 * 1024
 TRANSIENT_STATUS = frozenset({502, 503, 504})
@@ -255,3 +258,70 @@ def deadline_in(seconds: float) -> float:
 
 
 __all__ = ["Answer", "HttpClient", "TRANSIENT_STATUS", "deadline_in"]
+
+
+def decode_infer(a: Answer, url: str, output: str, declared: str) -> tuple[Any, Any, str, str, Any]:
+    """An OIP inference answer with the binary tensor extension (a JSON header of
+    ``Inference-Header-Content-Length`` bytes, then the tensors' bytes) or JSON ``data``: the ``output`` tensor
+    (flat), the answering model's name and version, the datatype and the shape it states."""
+    n_json = a.headers.get("inference-header-content-length")
+    try:
+        n = int(n_json) if n_json is not None else len(a.body)
+        if not 0 <= n <= len(a.body):
+            raise ValueError
+        doc = json.loads(a.body[:n].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolViolation(f"{url} answered an inference request with a malformed body") from None
+    outs = doc.get("outputs") if isinstance(doc, dict) else None
+    if not isinstance(outs, list):
+        raise ProtocolViolation(f"{url} answered an inference request without an outputs list")
+    offset, found = n, None
+    for o in outs:
+        size = int(((o.get("parameters") or {}).get("binary_data_size")) or 0) if isinstance(o, dict) else 0
+        if isinstance(o, dict) and o.get("name") == output:
+            found = (o, a.body[offset : offset + size] if size else None)
+        offset += size
+    if found is None:
+        raise OutputContractError(f"{url} answered without its output {output!r}")
+    o, blob = found
+    dtype, shape = str(o.get("datatype")), o.get("shape")
+    if dtype not in NUMERIC:
+        raise OutputContractError(f"{url} answered its output {output!r} as {dtype}; declared "
+                                  f"{declared}")
+    if blob is not None:
+        if offset > len(a.body):
+            raise ProtocolViolation(f"{url} answered with {len(a.body) - n} bytes of tensor data where its "
+                                    f"header announces {offset - n}")
+        arr = np.frombuffer(blob, dtype=np.dtype(NUMERIC[dtype]).newbyteorder("<"))
+    else:
+        data = o.get("data")
+        if not isinstance(data, list) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                 for v in data):
+            raise OutputContractError(f"{url} answered its output {output!r} with data that are "
+                                      f"not {dtype} numbers")
+        arr = np.asarray(data, dtype=np.float64)
+    return arr, doc.get("model_name"), str(doc.get("model_version") or ""), dtype, shape
+
+
+def encode_infer(input: str, output: str, x: Any) -> tuple[bytes, dict[str, str]]:
+    """An OIP inference request for one FP32 batch with the binary tensor extension: body and headers."""
+    header = {"inputs": [{"name": input, "shape": list(x.shape), "datatype": "FP32",
+                          "parameters": {"binary_data_size": int(x.nbytes)}}],
+              "outputs": [{"name": output, "parameters": {"binary_data": True}}]}
+    j = json.dumps(header).encode()
+    return j + np.ascontiguousarray(x).tobytes(), {"Content-Type": "application/octet-stream",
+                                                   "Inference-Header-Content-Length": str(len(j))}
+
+
+def triton_statistics(stats: Any) -> dict[str, int]:
+    """Triton's statistics answer (HTTP ``/stats`` or gRPC as JSON) -> rows inferred, batches executed, requests
+    ok / failed for the first model listed."""
+    rows = (stats.get("model_stats") or [{}]) if isinstance(stats, dict) else [{}]
+    s = rows[0] if rows else {}
+    inf = s.get("inference_stats") or {}
+    return {
+        "inference_count": int(s.get("inference_count") or 0),
+        "execution_count": int(s.get("execution_count") or 0),
+        "success": int((inf.get("success") or {}).get("count") or 0),
+        "fail": int((inf.get("fail") or {}).get("count") or 0),
+    }

@@ -36,14 +36,10 @@ import hashlib
 import json
 import math
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
@@ -57,163 +53,32 @@ from edgeguard.errors import (
     Unreachable,
 )
 from edgeguard.runtime.base import DEFAULT_BATCH, DefenseRecord, Runner, RunnerInfo
+from edgeguard.runtime.endpoint import (
+    _GRPC_HTTP,
+    _GRPC_STATUS,
+    _QUERY,
+    _SETTINGS,
+    NUMERIC,
+    PARAMETER,
+    TOKEN_ENV,
+    TOKEN_HEADER,
+    Endpoint,
+    RemoteSettings,
+    _first_line,
+    _names_missing_model,
+    declared_io,
+    is_remote,
+    parse_endpoint,
+    remote_settings,
+)
 from edgeguard.runtime.graph import PROBE_TOL, contract_violation
-from edgeguard.runtime.oip_http import TRANSIENT_STATUS, HttpClient
-
-SCHEMES = ("http", "https", "grpc")
-PARAMETER = "edgeguard"  # the model config parameter that carries edgeguard's public info (JSON)
-TOKEN_HEADER = "triton-access-token"  # PyTriton's header for its restricted endpoints (statistics)
-TOKEN_ENV = "EDGEGUARD_TRITON_TOKEN"
-OUTPUT_MODES = ("probabilities", "logits")
-NUMERIC = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# gRPC status codes (the enum's names, from grpc.StatusCode) -> (error class, transient)
-_GRPC_STATUS = {
-    "UNAVAILABLE": (Unreachable, True),
-    "DEADLINE_EXCEEDED": (DeadlineExceeded, False),
-    "RESOURCE_EXHAUSTED": (ProtocolViolation, False),
-    "NOT_FOUND": (ProtocolViolation, False),
-    "INTERNAL": (ProtocolViolation, False),
-    "UNKNOWN": (ProtocolViolation, False),
-    "UNIMPLEMENTED": (ProtocolViolation, False),
-    "UNAUTHENTICATED": (ProtocolViolation, False),
-    "PERMISSION_DENIED": (ProtocolViolation, False),
-    "INVALID_ARGUMENT": (ProtocolViolation, False),
-    "CANCELLED": (Unreachable, False),
-}
-_GRPC_HTTP = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "PERMISSION_DENIED": 403, "UNAUTHENTICATED": 401,
-              "UNAVAILABLE": 503, "INTERNAL": 500}
-
-
-def is_remote(target: Any) -> bool:
-    """True for a URL (``scheme://...``); a ``Path`` never is (it collapses the double slash)."""
-    return isinstance(target, str) and bool(_URL.match(target))
-
-
-@dataclass(frozen=True)
-class RemoteSettings:
-    timeout_s: float = 30.0  # each request's total deadline: connect + send + receive, its retries included
-    retries: int = 3  # extra attempts on a transient failure
-    backoff_s: float = 0.25  # first wait; doubles per retry
-    max_qps: float | None = None  # requests per second, client side; None: as fast as answers come
-    access_token: str | None = None  # for PyTriton's restricted endpoints (statistics); env EDGEGUARD_TRITON_TOKEN
-    deadline_s: float | None = None  # a whole check against one endpoint; None: derived from its request count
-    max_response_mb: float = 64.0  # larger answers are refused before they are read
-    outputs: str = "probabilities"  # what the endpoint returns: probabilities (checked) or logits (softmax here)
-    recheck_every: int = 10  # inference requests between re-reads of the model's metadata, config and sha256
-
-    def __post_init__(self):
-        if not self.timeout_s > 0:
-            raise BadInput(f"the remote timeout must be > 0 seconds, got {self.timeout_s}")
-        if self.retries < 0:
-            raise BadInput(f"retries must be >= 0, got {self.retries}")
-        if self.backoff_s < 0:
-            raise BadInput(f"backoff must be >= 0 seconds, got {self.backoff_s}")
-        if self.max_qps is not None and not self.max_qps > 0:
-            raise BadInput(f"--max-qps must be > 0, got {self.max_qps}")
-        if self.deadline_s is not None and not self.deadline_s > 0:
-            raise BadInput(f"--deadline must be > 0 seconds, got {self.deadline_s}")
-        if not self.max_response_mb > 0:
-            raise BadInput(f"max_response_mb must be > 0, got {self.max_response_mb}")
-        if self.outputs not in OUTPUT_MODES:
-            raise BadInput(f"--outputs must be {' or '.join(OUTPUT_MODES)}, got {self.outputs!r}")
-        if self.recheck_every < 1:
-            raise BadInput(f"recheck_every must be >= 1, got {self.recheck_every}")
-
-
-_SETTINGS: ContextVar[RemoteSettings] = ContextVar("edgeguard_remote_settings", default=RemoteSettings())  # noqa: B039 (frozen)
-
-
-@contextlib.contextmanager
-def remote_settings(**overrides: Any) -> Iterator[RemoteSettings]:
-    """Settings for every RemoteRunner opened inside the block (None values keep the current ones)."""
-    current = _SETTINGS.get()
-    new = dataclasses.replace(current, **{k: v for k, v in overrides.items() if v is not None})
-    token = _SETTINGS.set(new)
-    try:
-        yield new
-    finally:
-        _SETTINGS.reset(token)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    scheme: str
-    host: str
-    port: int
-    model: str
-    version: str = ""
-    query: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        v = f"/versions/{self.version}" if self.version else ""
-        return f"{self.scheme}://{self.address}/v2/models/{self.model}{v}"
-
-    @property
-    def path(self) -> str:
-        v = f"/versions/{self.version}" if self.version else ""
-        return f"/v2/models/{self.model}{v}"
-
-
-def _mode(v: str) -> str:
-    if v not in OUTPUT_MODES:
-        raise ValueError(v)
-    return v
-
-
-_QUERY: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "timeout": ("timeout_s", float), "retries": ("retries", int), "backoff": ("backoff_s", float),
-    "max_qps": ("max_qps", float), "deadline": ("deadline_s", float), "max_response_mb": ("max_response_mb", float),
-    "outputs": ("outputs", _mode), "recheck_every": ("recheck_every", int),
-}
-
-
-def parse_endpoint(url: str) -> Endpoint:
-    """``http://HOST:PORT/v2/models/NAME[/versions/V][?max_qps=..&timeout=..&retries=..]``; grpc:// alike."""
-    shape = "expected http://HOST:PORT/v2/models/NAME (or grpc://HOST:PORT/v2/models/NAME)"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise BadInput(f"bad endpoint URL {url!r}: {e}; {shape}") from None
-    if parts.scheme not in SCHEMES:
-        raise BadInput(f"unsupported endpoint scheme {parts.scheme!r} in {url!r}; {shape}")
-    if not parts.hostname:
-        raise BadInput(f"endpoint URL {url!r} names no host; {shape}")
-    m = re.fullmatch(r"/v2/models/([A-Za-z0-9._-]+)(?:/versions/(\d+))?/?", parts.path or "")
-    if not m:
-        raise BadInput(f"endpoint URL {url!r} has no model path; {shape}")
-    query = tuple(parse_qsl(parts.query, keep_blank_values=True))
-    for k, v in query:
-        if k not in _QUERY:
-            raise BadInput(f"unknown endpoint option {k!r} in {url!r} (known: {', '.join(_QUERY)})")
-        try:
-            _QUERY[k][1](v)
-        except ValueError:
-            what = "is not a number" if _QUERY[k][1] in (int, float) else f"must be one of {', '.join(OUTPUT_MODES)}"
-            raise BadInput(f"endpoint option {k}={v!r} in {url!r} {what}") from None
-    default_port = {"http": 80, "https": 443, "grpc": 8001}[parts.scheme]
-    return Endpoint(parts.scheme, parts.hostname, port or default_port, m.group(1), m.group(2) or "", query)
-
-
-def _first_line(text: str) -> str:
-    """The meaningful line of a server error (PyTriton sends a whole traceback: keep its last line)."""
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    if not lines:
-        return "no message"
-    line = lines[-1] if lines[0].startswith("Traceback") or len(lines) > 1 and "Error" in lines[-1] else lines[0]
-    return line[:300]
-
-
-def _names_missing_model(status: int | None, msg: str) -> bool:
-    """An answer that says the model is not there (Triton: HTTP 400 'unknown model'; KServe/MLServer: 404)."""
-    m = msg.lower()
-    return status == 404 or status == 400 and ("unknown model" in m or "not found" in m or "no version" in m)
+from edgeguard.runtime.oip_http import (
+    TRANSIENT_STATUS,
+    HttpClient,
+    decode_infer,
+    encode_infer,
+    triton_statistics,
+)
 
 
 class RemoteRunner(Runner):
@@ -373,31 +238,9 @@ class RemoteRunner(Runner):
         except BaseException:
             self._close_client()
             raise
-        inputs, outputs = meta.get("inputs") or [], meta.get("outputs") or []
-        max_batch = int(config.get("max_batch_size") or 0)
-        if len(inputs) != 1:
-            raise BadInput(f"{self.url} takes {len(inputs)} inputs; an image classifier takes one N x C x H x W tensor")
-        inp = inputs[0]
-        shape = [int(d) for d in inp.get("shape", [])]
-        if max_batch > 0 and len(shape) == 3:  # some servers list dims without the batch dimension
-            shape = [-1, *shape]
-        if len(shape) != 4:
-            raise BadInput(f"{self.url} input {inp.get('name')!r} has shape {shape}; expected N x C x H x W")
-        if inp.get("datatype") != "FP32":
-            raise BadInput(f"{self.url} input {inp.get('name')!r} is {inp.get('datatype')}; edgeguard sends FP32 images")
-        names = [o.get("name") for o in outputs]
-        if not outputs:
-            raise BadInput(f"{self.url} declares no output")
-        out = outputs[names.index("probabilities")] if "probabilities" in names else outputs[0]
-        if out.get("datatype") not in NUMERIC:
-            raise OutputContractError(f"{self.url} declares its output {out.get('name')!r} as {out.get('datatype')}; "
-                                      f"a classifier's output must be {', '.join(NUMERIC)}")
-        out_shape = [int(d) for d in out.get("shape", [])]
-        if out_shape[-1:] and out_shape[-1] > 1:
-            k = out_shape[-1]
-        else:
-            raise OutputContractError(f"{self.url} output {out.get('name')!r} has shape {out_shape}; expected N x classes")
-        self._input_name, self._output_name, self._out_dtype = inp.get("name"), out.get("name"), out["datatype"]
+        io = declared_io(self.url, meta, config)
+        self._input_name, self._output_name, self._out_dtype = io.input, io.output, io.datatype
+        max_batch, shape, k = io.max_batch, io.shape, io.classes
         self._max_batch = max_batch
         if max_batch > 0:
             self.batch_size = min(self.batch_size, max_batch)
@@ -525,50 +368,9 @@ class RemoteRunner(Runner):
 
     def _infer_http(self, x: np.ndarray):
         ep = self.endpoint
-        header = {"inputs": [{"name": self._input_name, "shape": list(x.shape), "datatype": "FP32",
-                              "parameters": {"binary_data_size": int(x.nbytes)}}],
-                  "outputs": [{"name": self._output_name, "parameters": {"binary_data": True}}]}
-        j = json.dumps(header).encode()
-        a = self._http("POST", ep.path + "/infer", "an inference request", body=j + np.ascontiguousarray(x).tobytes(),
-                       headers={"Content-Type": "application/octet-stream",
-                                "Inference-Header-Content-Length": str(len(j))})
-        n_json = a.headers.get("inference-header-content-length")
-        try:
-            n = int(n_json) if n_json is not None else len(a.body)
-            if not 0 <= n <= len(a.body):
-                raise ValueError
-            doc = json.loads(a.body[:n].decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise ProtocolViolation(f"{self.url} answered an inference request with a malformed body") from None
-        outs = doc.get("outputs") if isinstance(doc, dict) else None
-        if not isinstance(outs, list):
-            raise ProtocolViolation(f"{self.url} answered an inference request without an outputs list")
-        offset, found = n, None
-        for o in outs:
-            size = int(((o.get("parameters") or {}).get("binary_data_size")) or 0) if isinstance(o, dict) else 0
-            if isinstance(o, dict) and o.get("name") == self._output_name:
-                found = (o, a.body[offset : offset + size] if size else None)
-            offset += size
-        if found is None:
-            raise OutputContractError(f"{self.url} answered without its output {self._output_name!r}")
-        o, blob = found
-        dtype, shape = str(o.get("datatype")), o.get("shape")
-        if dtype not in NUMERIC:
-            raise OutputContractError(f"{self.url} answered its output {self._output_name!r} as {dtype}; declared "
-                                      f"{self._out_dtype}")
-        if blob is not None:
-            if offset > len(a.body):
-                raise ProtocolViolation(f"{self.url} answered with {len(a.body) - n} bytes of tensor data where its "
-                                        f"header announces {offset - n}")
-            arr = np.frombuffer(blob, dtype=np.dtype(NUMERIC[dtype]).newbyteorder("<"))
-        else:
-            data = o.get("data")
-            if not isinstance(data, list) or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                                                     for v in data):
-                raise OutputContractError(f"{self.url} answered its output {self._output_name!r} with data that are "
-                                          f"not {dtype} numbers")
-            arr = np.asarray(data, dtype=np.float64)
-        return arr, doc.get("model_name"), str(doc.get("model_version") or ""), dtype, shape
+        body, headers = encode_infer(self._input_name, self._output_name, x)
+        a = self._http("POST", ep.path + "/infer", "an inference request", body=body, headers=headers)
+        return decode_infer(a, self.url, self._output_name, self._out_dtype)
 
     def _infer_grpc(self, x: np.ndarray):
         tc, ep = self._tc, self.endpoint
@@ -632,15 +434,7 @@ class RemoteRunner(Runner):
         finally:
             if opened_here:
                 self._close_client()
-        rows = (stats.get("model_stats") or [{}])
-        s = rows[0] if rows else {}
-        inf = s.get("inference_stats") or {}
-        return {
-            "inference_count": int(s.get("inference_count") or 0),
-            "execution_count": int(s.get("execution_count") or 0),
-            "success": int((inf.get("success") or {}).get("count") or 0),
-            "fail": int((inf.get("fail") or {}).get("count") or 0),
-        }
+        return triton_statistics(stats)
 
     def _close_client(self) -> None:
         if self._client is not None:

@@ -42,8 +42,8 @@ from edgeguard.export.triton_repo import check_model_settings
 from edgeguard.fileio import atomic_write_bytes
 from edgeguard.progress import log
 from edgeguard.runtime import is_remote, open_runner
+from edgeguard.runtime.endpoint import PARAMETER
 from edgeguard.runtime.metadata import public_info
-from edgeguard.runtime.remote import PARAMETER
 
 INPUT, OUTPUT = "input", "probabilities"
 

@@ -13,12 +13,8 @@ from torch import nn
 
 from edgeguard.defenses import defense_config, make_defense
 from edgeguard.defenses.base import ALLOWED_OPS, DEFENSES, DefenseContext, softmax_np
-from edgeguard.defenses.modelguard_s import (
-    ModelGuardS,
-    ModelGuardSConfig,
-    build_codebook,
-    build_codebook_report,
-)
+from edgeguard.defenses.codebook import build_codebook, build_codebook_report
+from edgeguard.defenses.modelguard_s import ModelGuardS, ModelGuardSConfig
 from edgeguard.errors import BadInput
 from edgeguard.progress import silenced
 
