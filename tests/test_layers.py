@@ -25,8 +25,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("edgeguard.runtime",),
     ("edgeguard.protect", "edgeguard.quantize", "edgeguard.export", "edgeguard.serve"),
     ("edgeguard.attacks", "edgeguard.evaluate"),
-    ("edgeguard.api", "edgeguard.testing"),
-    ("edgeguard.pipeline", "edgeguard.grid", "edgeguard.cli", "edgeguard.__main__"),
+    ("edgeguard.verbs", "edgeguard.testing"),
+    ("edgeguard.pipeline", "edgeguard.grid"),
+    ("edgeguard.api",),  # the front door: re-exports every verb
+    ("edgeguard.cli", "edgeguard.__main__"),
 )
 
 
@@ -180,6 +182,16 @@ def test_no_function_local_imports_outside_the_cli():
     assert not local, "function-local imports of edgeguard modules:\n" + "\n".join(local)
 
 
+def test_the_cli_goes_through_the_front_door():
+    """Every command is option parsing, one ``edgeguard.api`` call and printing: the CLI imports nothing else of
+    edgeguard but its errors (and itself)."""
+    _, edges = graph()
+    allowed = ("edgeguard.api", "edgeguard.errors")
+    other = [f"{m}:{line} imports {t}" for m, es in sorted(edges.items()) if m == "edgeguard.cli" or m.startswith("edgeguard.cli.")
+             for t, line, _ in es if t not in allowed and not (t == "edgeguard.cli" or t.startswith("edgeguard.cli."))]
+    assert not other, "CLI imports past the front door:\n" + "\n".join(other)
+
+
 def test_the_checks_can_fail(tmp_path):
     """The walker sees function-local and relative imports, and the cycle finder finds a planted cycle."""
     pkg = tmp_path / "edgeguard"
@@ -197,7 +209,7 @@ def test_the_checks_can_fail(tmp_path):
     assert layer_of("edgeguard.cli.train") > layer_of("edgeguard.api") > layer_of("edgeguard.evaluate.golden")
 
 
-@pytest.mark.parametrize("name", ["api", "bundle", "runtime", "protect", "data"])
+@pytest.mark.parametrize("name", ["api", "verbs", "bundle", "runtime", "protect", "data"])
 def test_layers_hold_real_modules(name):
     """Each layer name used above is a real module or package (a typo would silently exempt code)."""
     mods = module_names()

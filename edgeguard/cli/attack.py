@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgeguard.attacks.removal import MODES
+from edgeguard.api import MODES
 from edgeguard.cli.options import (
     ARTIFACT,
     BUNDLE,
@@ -46,7 +46,7 @@ def attack_group() -> None:
 def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction, attack_dataset, data_root,
                         freeze_bn, seed, json_path):
     """Removal attack by fine-tuning: FTLL, FTAL, RTLL, RTAL."""
-    from edgeguard.attacks import FinetuneConfig, finetune_attack
+    from edgeguard.api import FinetuneConfig, finetune_attack
 
     cfg = merge_flags(FinetuneConfig, "attack finetune", mode=mode, epochs=epochs, lr=lr, batch_size=batch_size,
                       data_fraction=data_fraction, dataset=attack_dataset, data_root=data_root, freeze_bn=freeze_bn,
@@ -83,8 +83,7 @@ def attack_extract_cmd(artifact, method, budget, query_set, query_options, query
                        params, dataset, data_root, out, reference, seed, json_path):
     """Model extraction: query ARTIFACT as a client would (probabilities only, counted budget), train a surrogate,
     and report its accuracy and fidelity on the victim's test split (--dataset, default digits)."""
-    from edgeguard.attacks.extraction import extract, method_config
-    from edgeguard.config import DataConfig
+    from edgeguard.api import DataConfig, extract, method_config
 
     named = {"budget": budget, "query_set": query_set, "query_options": dict(query_options) or None,
              "query_root": str(query_root) if query_root else None, "surrogate": surrogate, "epochs": epochs,

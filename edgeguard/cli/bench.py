@@ -34,8 +34,7 @@ from edgeguard.cli.options import (
 @REMOTE
 def bench_cmd(artifacts, batch_sizes, warmup, iterations, device, seed, json_path):
     """Latency (p50/p90) and throughput of artifacts side by side; ratios against the first."""
-    from edgeguard.api import bench_artifacts
-    from edgeguard.evaluate import BenchConfig
+    from edgeguard.api import BenchConfig, bench_artifacts
 
     cfg = merge_flags(BenchConfig, "bench", batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, seed=seed)
     res = bench_artifacts(list(artifacts), cfg, device=device)
@@ -64,7 +63,7 @@ def build_engine_cmd(onnx_path, out, fp16, workspace_mib, timing_cache, min_batc
     Strongly typed by default: INT8 only through the graph's Q/DQ nodes, everything else (the defense head and
     MagicGuard included) in the graph's FP32.  Exit 3 without tensorrt or a CUDA GPU; nothing is written then.
     """
-    from edgeguard.export.tensorrt import EngineConfig, build_engine
+    from edgeguard.api import EngineConfig, build_engine
 
     cfg = merge_flags(EngineConfig, "build-engine", fp16=fp16, workspace_mib=workspace_mib,
                       timing_cache=str(timing_cache) if timing_cache else None, min_batch=min_batch,
@@ -88,7 +87,7 @@ def build_engine_cmd(onnx_path, out, fp16, workspace_mib, timing_cache, min_batc
 @JSON_OUT
 def golden_cmd(artifact, out, vault, dataset, data_root, split, n, json_path):
     """Record golden outputs of an artifact on CPU (normally the shipped .onnx in ONNX Runtime)."""
-    from edgeguard.evaluate.golden import GoldenConfig, record_golden
+    from edgeguard.api import GoldenConfig, record_golden
 
     cfg = merge_flags(GoldenConfig, "golden", data=_data_config(dataset, data_root, (), _default_data(artifact)),
                       split=split, n=n)
@@ -110,7 +109,7 @@ def golden_cmd(artifact, out, vault, dataset, data_root, split, n, json_path):
 @REMOTE
 def golden_check_cmd(artifact, golden, atol, min_top1, device, json_path):
     """Compare an artifact (engine, ONNX, bundle) with golden outputs; exit 1 outside the tolerance."""
-    from edgeguard.evaluate.golden import check_golden
+    from edgeguard.api import check_golden
 
     res = check_golden(artifact, golden, atol=atol, min_top1=min_top1, device=device)
     emit(res, json_path, res.summary())

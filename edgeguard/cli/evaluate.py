@@ -37,7 +37,7 @@ def evaluate_grid_cmd(config_path, out, backend, workers, json_path):
     Any defense or attack parameter given as a list is swept.  Writes OUT/grid.json, OUT/grid.md, OUT/plots/*.png
     (defender accuracy against attacker accuracy and fidelity, per attack) and one OUT/cells/ID.json per cell.
     """
-    from edgeguard.grid import GridConfig, run_grid
+    from edgeguard.api import GridConfig, run_grid
 
     res = run_grid(GridConfig.load(config_path), out, backend=backend, workers=workers)
     c = res.report["counts"]
@@ -77,8 +77,7 @@ def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy
     For an artifact with an output defense it also measures the defense against the artifact's own undefended
     view: argmax agreement, mean/max L1 on the split and on an out-of-distribution set, and latency overhead.
     """
-    from edgeguard.api import evaluate
-    from edgeguard.config import DataConfig
+    from edgeguard.api import DataConfig, evaluate
 
     ood = DataConfig(ood_dataset, options=dict(ood_options)) if ood_dataset else None
     res = evaluate(artifact, _data_config(dataset, data_root, data_options, _default_data(artifact)), split=split,

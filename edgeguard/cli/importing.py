@@ -38,7 +38,7 @@ def import_cmd(source, out, weights, factory_args, input_shape, classes, mean, s
                data_options, json_path):
     """Import SOURCE -- package.module:factory, path/file.py:factory (with --weights) or an ExportedProgram .pt2 --
     as a bundle that every protect / quantize / export / attack / verify command takes."""
-    from edgeguard.importing import import_model
+    from edgeguard.api import import_model
 
     data = _data_config(dataset, data_root, data_options) if dataset or data_root or data_options else None
     res = import_model(source, out=out, input_shape=shape(input_shape), classes=classes, mean=floats(mean, "--mean"),

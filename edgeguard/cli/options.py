@@ -56,21 +56,9 @@ def merge_flags(base: Any, what: str, /, **flags: Any) -> Any:
 
 
 def _registry_names(kind: str) -> list[str]:
-    if kind == "extraction":
-        from edgeguard.attacks import ATTACKS
+    from edgeguard.api import registry_names
 
-        return ATTACKS.names(family="extraction")
-    if kind == "model":
-        from edgeguard.models import MODELS
-
-        return MODELS.names()
-    if kind == "defense":
-        from edgeguard.defenses import DEFENSES
-
-        return DEFENSES.names()
-    from edgeguard.data import DATASETS
-
-    return DATASETS.names()
+    return registry_names(kind)
 
 
 JSON_OUT = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON to this file.")
@@ -82,7 +70,7 @@ class ArtifactRef(click.ParamType):
     name = "artifact"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        from edgeguard.runtime import is_remote
+        from edgeguard.api import is_remote
 
         if isinstance(value, Path) or is_remote(value):
             return value
@@ -100,7 +88,7 @@ def REMOTE(f):  # noqa: N802 (reads like the other option constants)
     @functools.wraps(f)
     def wrapper(*args: Any, remote_timeout: float | None = None, remote_deadline: float | None = None,
                 max_qps: float | None = None, remote_outputs: str | None = None, **kw: Any) -> Any:
-        from edgeguard.runtime import remote_settings
+        from edgeguard.api import remote_settings
 
         with remote_settings(timeout_s=remote_timeout, deadline_s=remote_deadline, max_qps=max_qps,
                              outputs=remote_outputs):
@@ -128,7 +116,7 @@ SPLIT = click.option("--split", type=click.Choice(["train", "test"]), default="t
 
 
 def _data_config(dataset: str | None, root: str | None, options: tuple, default: Any = None):
-    from edgeguard.config import DataConfig
+    from edgeguard.api import DataConfig
 
     return merge_flags(default or DataConfig(), "data", name=dataset, root=root, options=dict(options) or None)
 
@@ -166,7 +154,7 @@ def shape(value: str | None, what: str = "--input-shape") -> tuple[int, ...] | N
 def emit(result: Any, json_path: Path | None, human: str) -> None:
     """Print the human summary, write the JSON, and exit 1 if the result's verdict is negative."""
     if json_path is not None:
-        from edgeguard.fileio import atomic_write_json
+        from edgeguard.api import atomic_write_json
 
         atomic_write_json(json_path, result.to_json())
     click.echo(human)

@@ -17,7 +17,7 @@ from edgeguard.cli.options import DEVICE, JSON_OUT, SEED, emit
 @JSON_OUT
 def pipeline_cmd(config_path, out, seed, device, json_path):
     """Run every stage of a config (train -> export -> evaluate -> bench) and write report.md/json."""
-    from edgeguard.pipeline import PipelineConfig, run_pipeline
+    from edgeguard.api import PipelineConfig, run_pipeline
 
     res = run_pipeline(PipelineConfig.load(config_path, seed=seed, device=device), out)
     lines = [f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in res.report["checks"]]

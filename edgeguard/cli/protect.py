@@ -33,7 +33,7 @@ def protect_group() -> None:
 def protect_watermark_cmd(bundle, out, trigger_dir, labels, n_triggers, renderer, mode, epochs, lr, trigger_batch,
                           alpha, key_seed, seed, json_path):
     """Embed a backdoor watermark (Adi et al. 2018) with a secret trigger set."""
-    from edgeguard.protect import WatermarkConfig, embed_watermark
+    from edgeguard.api import WatermarkConfig, embed_watermark
 
     cfg = merge_flags(
         WatermarkConfig, "protect watermark", trigger_dir=str(trigger_dir) if trigger_dir else None,
@@ -64,7 +64,7 @@ def protect_magicguard_cmd(bundle, out, a, w, site, ratio, variant, seed, json_p
     written.  Quantization keeps the guard in FP32 and QAT runs in owner mode; exports list the guard's nodes for
     FP32 pinning.  An informed attacker can delete the guard: see the README's limitations.
     """
-    from edgeguard.protect.magicguard import MagicGuardConfig, protect_magicguard
+    from edgeguard.api import MagicGuardConfig, protect_magicguard
 
     cfg = merge_flags(MagicGuardConfig, "protect magicguard", a=a, w=w, site=site, ratio=ratio, variant=variant,
                       seed=seed)
@@ -104,7 +104,7 @@ def protect_fragile_cmd(artifact, out, surrogate, key_sha256, n, a, margin, step
     The model is never changed.  Enrol every artifact you ship (FP32 ONNX, INT8, each engine): a different backend
     or precision is reported as drift, not tampering.
     """
-    from edgeguard.protect.fragile import EnrolConfig, FragileConfig, protect_fragile
+    from edgeguard.api import EnrolConfig, FragileConfig, protect_fragile
 
     cfg = merge_flags(FragileConfig, "protect fragile", n=n, a=a, margin=margin, steps=steps, variant=variant, seed=seed)
     enrol_cfg = merge_flags(EnrolConfig, "enrolment", repeats=repeats, batch_sizes=batch_sizes)

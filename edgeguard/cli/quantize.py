@@ -30,7 +30,7 @@ from edgeguard.cli.options import BUNDLE, DATA_ROOT, JSON_OUT, SEED, _registry_n
 def quantize_cmd(bundle, mode, target, out, calibration, calib_samples, calib_dataset, data_root, exclude, epochs, lr,
                  freeze_observers_epoch, seed, json_path):
     """Quantize a bundle to INT8 (PT2E PTQ or QAT); the result carries a QDQ ONNX graph."""
-    from edgeguard.quantize import PtqConfig, QatConfig, quantize_bundle
+    from edgeguard.api import PtqConfig, QatConfig, quantize_bundle
 
     base = merge_flags(PtqConfig, "quantize", target=target, calibration=calibration, calib_samples=calib_samples,
                        calib_dataset=calib_dataset, calib_root=data_root, exclude=tuple(exclude) or None, seed=seed)

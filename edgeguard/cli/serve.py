@@ -37,7 +37,7 @@ def serve_cmd(artifact, name, host, http_port, grpc_port, metrics_port, max_batc
     info the model config carries.  Every check takes the URL as its ARTIFACT.  SIGTERM or Ctrl-C drains and
     exits; the summary (requests, rows, batches) goes to stdout and --json.
     """
-    from edgeguard.serve import ServeConfig, serve
+    from edgeguard.api import ServeConfig, serve
 
     cfg = ServeConfig(name=name, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                       max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances)

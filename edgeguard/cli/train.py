@@ -48,8 +48,7 @@ from edgeguard.cli.options import (
 def train_cmd(dataset, data_root, data_options, arch, model_options, config_path, epochs, batch_size, lr, optimizer,
               schedule, augment, early_stop_patience, max_steps, out, seed, device, json_path):
     """Train a model on a dataset and write a bundle."""
-    from edgeguard.api import train_bundle
-    from edgeguard.pipeline import PipelineConfig
+    from edgeguard.api import PipelineConfig, train_bundle
 
     base = PipelineConfig.load(config_path) if config_path else PipelineConfig()
     data = _data_config(dataset, data_root, data_options, base.data)
@@ -106,10 +105,14 @@ def export_cmd(bundle, out, fmt, opset, max_batch, defense, defense_params, name
     graph carries the defense fused, so no Python runs in the server (host-side defenses are refused: use
     `edgeguard serve`).
     """
-    from edgeguard.api import export_bundle, export_triton_repo, parse_classes
-    from edgeguard.export import ExportConfig
-    from edgeguard.export.triton_repo import TritonRepoConfig
-    from edgeguard.export.wrap import WrapConfig
+    from edgeguard.api import (
+        ExportConfig,
+        TritonRepoConfig,
+        WrapConfig,
+        export_bundle,
+        export_triton_repo,
+        parse_classes,
+    )
 
     wrap_flags = {"outputs": outputs, "mean": floats(mean, "--mean"), "std": floats(std, "--std"), "layout": layout,
                   "input_shape": shape(input_shape),

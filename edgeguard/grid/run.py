@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from edgeguard import __version__
-from edgeguard.api import train_bundle
 from edgeguard.bundle import bundle_data_config, is_bundle, load_bundle
 from edgeguard.config import DataConfig, require
 from edgeguard.data import load_data
@@ -20,6 +19,7 @@ from edgeguard.grid.config import GRID_MARKER, GRID_VERSION, GridConfig, short_h
 from edgeguard.grid.report import plot_attack, render_markdown, slug, summarize, summary_tables
 from edgeguard.grid.tasks import Executor, Job, check_backend, failure_record, run_cell, run_export
 from edgeguard.progress import log, task
+from edgeguard.verbs import train_bundle
 
 # --- the run folder and the victim ----------------------------------------------------------------------------------
 

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgeguard.api import export_bundle
 from edgeguard.attacks.extraction import extract, method_config
 from edgeguard.config import config_from_dict
 from edgeguard.errors import BackendUnavailable, BadInput, EdgeguardError
 from edgeguard.fileio import atomic_write_json
 from edgeguard.grid.config import BACKENDS
+from edgeguard.verbs import export_bundle
 
 # --- the task functions (run in a worker process, a Ray task, or in-process) ---------------------------------------
 

@@ -4,7 +4,7 @@ Stages: train -> watermark (optional) -> magicguard (optional: guard + destructi
 -> evaluate (accuracy + parity) -> fragile (optional: enrol the shipped ONNX, tamper detection) -> verify (watermark on the ONNX artifacts: unmarked, marked, after each removal attack)
 -> defenses -> extraction -> bench.
 
-The stages call the same library functions as the stage commands (``edgeguard.api``); later
+The stages call the same library functions as the stage commands (``edgeguard.verbs``, re-exported by ``edgeguard.api``); later
 protections add their own stage functions to ``STAGES``.  Outputs in DIR:
 ``bundle/`` (the owner's PyTorch bundle), ``model.onnx`` (what ships), ``report.md``, ``report.json``.
 """

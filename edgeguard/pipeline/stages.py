@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeguard.api import bench_artifacts, export_bundle, train_bundle
 from edgeguard.attacks import FinetuneConfig, finetune_attack
 from edgeguard.attacks.extraction import extract, method_config
 from edgeguard.bundle import Vault, load_bundle, save_bundle, stage_record
@@ -26,6 +25,7 @@ from edgeguard.protect.magicguard import MANIFEST_KEY, parity_atol, protect_magi
 from edgeguard.quantize import quantize_bundle
 from edgeguard.runtime import open_runner, remote_settings
 from edgeguard.serve import ServeConfig, free_ports, launch
+from edgeguard.verbs import bench_artifacts, export_bundle, train_bundle
 
 
 @dataclass
