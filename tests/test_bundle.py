@@ -188,9 +188,9 @@ def test_missing_and_foreign_paths(tmp_path):
 
 
 def test_target_is_checked_before_long_work(tmp_path, monkeypatch):
-    from edgeguard.verbs import make as api
     from edgeguard.bundle import check_target
     from edgeguard.config import DataConfig, ModelConfig
+    from edgeguard.verbs import make as api
 
     empty = tmp_path / "empty"
     empty.mkdir()
