@@ -22,12 +22,13 @@ from edgeguard.models import count_parameters
 from edgeguard.models.base import EdgeModel
 from edgeguard.models.imported import ImportedNet, find_head, fit_weights, probe, read_weights
 from edgeguard.models.sources import ARCH, call_factory, factory_record, load_program, program_input_shape
+from edgeguard.results import Result
 
 REBUILD_ATOL = 1e-5
 
 
 @dataclass(frozen=True)
-class ImportResult:
+class ImportResult(Result):
     bundle: str
     sha256: str
     kind: str  # factory | program
@@ -44,18 +45,11 @@ class ImportResult:
     weights: str | None
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        for k in ("input_shape", "classes", "mean", "std"):
-            d[k] = list(d[k])
-        return d
-
     def summary(self) -> str:
         return (f"bundle {self.bundle} (sha256 {self.sha256[:12]}): imported {self.source} ({self.kind}), "
                 f"{self.parameters:,} parameters, {len(self.classes)} classes, input {'x'.join(map(str, self.input_shape))}, "
                 f"head {self.head}, outputs {self.outputs}"
                 + (f"; {self.weights}" if self.weights else ""))
-
 
 def _program_bytes(obj: Any, input_shape: Sequence[int] | None) -> bytes:
     """An ExportedProgram (or an nn.Module, exported here with a dynamic batch) as .pt2 bytes."""

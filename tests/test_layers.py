@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edgeguard"
 # (export uses protect's guard checks, quantize uses export) as long as the module graph stays acyclic.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("edgeguard", "edgeguard.errors", "edgeguard.progress", "edgeguard.fileio", "edgeguard.registry",
-     "edgeguard.config", "edgeguard.stats"),
+     "edgeguard.config", "edgeguard.stats", "edgeguard.results"),
     ("edgeguard.data", "edgeguard.models"),
     ("edgeguard.training",),
     ("edgeguard.bundle", "edgeguard.defenses", "edgeguard.importing"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from edgeguard.bundle import bundle_data_config, check_target, load_bundle, save
 from edgeguard.config import Config, DataConfig, require
 from edgeguard.data import load_data
 from edgeguard.errors import BadInput
+from edgeguard.results import Result
 from edgeguard.training import TrainConfig, fit, model_accuracy
 
 MODES = ("ftll", "ftal", "rtll", "rtal")
@@ -52,7 +53,7 @@ class FinetuneConfig(Config):
 
 
 @dataclass(frozen=True)
-class AttackResult:
+class AttackResult(Result):
     bundle: str
     sha256: str
     mode: str
@@ -64,8 +65,12 @@ class AttackResult:
     diverged_at: int | None = None  # step whose loss was not finite (e.g. a MagicGuard model); training stopped there
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def summary(self) -> str:
+        acc = f", test accuracy {self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
+        div = (f"; the loss stopped being finite at step {self.diverged_at} (the model self-destructed), training "
+               "stopped there" if self.diverged_at is not None else "")
+        return (f"attacked bundle {self.bundle}: {self.mode} on {self.samples} images, {self.epochs} epochs "
+                f"({self.steps} steps), final loss {self.final_loss:.4f}{acc}{div}")
 
 
 class FreezeBN:

@@ -20,12 +20,13 @@ import click
 from edgeguard.cli.attack import attack_group
 from edgeguard.cli.bench import bench_cmd, build_engine_cmd, golden_check_cmd, golden_cmd
 from edgeguard.cli.evaluate import evaluate_cmd
+from edgeguard.cli.export import export_cmd
 from edgeguard.cli.importing import import_cmd
 from edgeguard.cli.pipeline import pipeline_cmd
 from edgeguard.cli.protect import protect_group
 from edgeguard.cli.quantize import quantize_cmd
 from edgeguard.cli.serve import serve_cmd
-from edgeguard.cli.train import export_cmd, info_cmd, train_cmd
+from edgeguard.cli.train import info_cmd, train_cmd
 from edgeguard.cli.verify import verify_cmd
 from edgeguard.errors import EdgeguardError
 

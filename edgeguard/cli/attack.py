@@ -52,11 +52,7 @@ def attack_finetune_cmd(bundle, mode, out, epochs, lr, batch_size, data_fraction
                       data_fraction=data_fraction, dataset=attack_dataset, data_root=data_root, freeze_bn=freeze_bn,
                       seed=seed)
     res = finetune_attack(bundle, out, cfg)
-    acc = f", test accuracy {res.test_accuracy:.4f}" if res.test_accuracy is not None else ""
-    div = (f"; the loss stopped being finite at step {res.diverged_at} (the model self-destructed), training stopped "
-           "there" if res.diverged_at is not None else "")
-    emit(res, json_path, f"attacked bundle {res.bundle}: {res.mode} on {res.samples} images, {res.epochs} epochs "
-                         f"({res.steps} steps), final loss {res.final_loss:.4f}{acc}{div}")
+    emit(res, json_path)
 
 
 @attack_group.command("extract")
@@ -94,4 +90,4 @@ def attack_extract_cmd(artifact, method, budget, query_set, query_options, query
     cfg = merge_flags(method_config(method, dict(params)), f"attack extract --method {method}", **named)
     res = extract(artifact, out, method, cfg, eval_data=DataConfig(dataset or "digits", root=str(data_root) if data_root else None),
                   reference=reference)
-    emit(res, json_path, res.summary())
+    emit(res, json_path)

@@ -38,7 +38,7 @@ def bench_cmd(artifacts, batch_sizes, warmup, iterations, device, seed, json_pat
 
     cfg = merge_flags(BenchConfig, "bench", batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, seed=seed)
     res = bench_artifacts(list(artifacts), cfg, device=device)
-    emit(res, json_path, res.table())
+    emit(res, json_path)
 
 
 @click.command("build-engine")
@@ -69,10 +69,7 @@ def build_engine_cmd(onnx_path, out, fp16, workspace_mib, timing_cache, min_batc
                       timing_cache=str(timing_cache) if timing_cache else None, min_batch=min_batch,
                       opt_batch=opt_batch, max_batch=max_batch, optimization_level=optimization_level)
     res = build_engine(onnx_path, out, cfg)
-    p = res.profile
-    emit(res, json_path, f"wrote {res.engine} ({res.bytes:,} bytes, {res.precision}, sha256 {res.sha256[:12]}) with "
-                         f"TensorRT {res.tensorrt_version} on {res.gpu_name} (compute {res.compute_capability}) in "
-                         f"{res.seconds:.1f} s; batch profile {p['min'][0]}/{p['opt'][0]}/{p['max'][0]}; manifest {res.manifest}")
+    emit(res, json_path)
 
 
 @click.command("golden")
@@ -92,9 +89,7 @@ def golden_cmd(artifact, out, vault, dataset, data_root, split, n, json_path):
     cfg = merge_flags(GoldenConfig, "golden", data=_data_config(dataset, data_root, (), _default_data(artifact)),
                       split=split, n=n)
     res = record_golden(artifact, out, cfg, vault=vault)
-    groups = ", ".join(f"{k} {v}" for k, v in res.groups.items())
-    emit(res, json_path, f"wrote {res.path} (sha256 {res.sha256[:12]}): {groups} inputs through {artifact} "
-                         f"[{res.artifact['backend']} {res.artifact['precision']}]")
+    emit(res, json_path)
 
 
 @click.command("golden-check")
@@ -112,4 +107,4 @@ def golden_check_cmd(artifact, golden, atol, min_top1, device, json_path):
     from edgeguard.api import check_golden
 
     res = check_golden(artifact, golden, atol=atol, min_top1=min_top1, device=device)
-    emit(res, json_path, res.summary())
+    emit(res, json_path)

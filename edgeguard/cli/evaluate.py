@@ -40,9 +40,7 @@ def evaluate_grid_cmd(config_path, out, backend, workers, json_path):
     from edgeguard.api import GridConfig, run_grid
 
     res = run_grid(GridConfig.load(config_path), out, backend=backend, workers=workers)
-    c = res.report["counts"]
-    emit(res, json_path, res.table() + f"\n{c['done']}/{c['cells']} cells done (computed {c['computed']}, reused "
-                                       f"{c['reused']}, failed {c['failed']}); report: {Path(out) / 'grid.md'}")
+    emit(res, json_path)
 
 
 class EvaluateCommand(click.Command):
@@ -82,4 +80,4 @@ def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy
     ood = DataConfig(ood_dataset, options=dict(ood_options)) if ood_dataset else None
     res = evaluate(artifact, _data_config(dataset, data_root, data_options, _default_data(artifact)), split=split,
                    min_accuracy=min_accuracy, ood=ood, latency=latency, device=device)
-    emit(res, json_path, res.summary())
+    emit(res, json_path)

@@ -44,4 +44,4 @@ def import_cmd(source, out, weights, factory_args, input_shape, classes, mean, s
     res = import_model(source, out=out, input_shape=shape(input_shape), classes=classes, mean=floats(mean, "--mean"),
                        std=floats(std, "--std"), weights=weights, factory_args=dict(factory_args), head=head,
                        data=data)
-    emit(res, json_path, res.summary())
+    emit(res, json_path)

@@ -151,12 +151,12 @@ def shape(value: str | None, what: str = "--input-shape") -> tuple[int, ...] | N
     return dims
 
 
-def emit(result: Any, json_path: Path | None, human: str) -> None:
-    """Print the human summary, write the JSON, and exit 1 if the result's verdict is negative."""
+def emit(result: Any, json_path: Path | None, human: str | None = None) -> None:
+    """Print the result's summary (or ``human``), write its JSON, and exit 1 if its verdict is negative."""
     if json_path is not None:
         from edgeguard.api import atomic_write_json
 
         atomic_write_json(json_path, result.to_json())
-    click.echo(human)
+    click.echo(result.summary() if human is None else human)
     if not getattr(result, "passed", True):
         raise SystemExit(1)

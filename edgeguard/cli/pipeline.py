@@ -20,6 +20,4 @@ def pipeline_cmd(config_path, out, seed, device, json_path):
     from edgeguard.api import PipelineConfig, run_pipeline
 
     res = run_pipeline(PipelineConfig.load(config_path, seed=seed, device=device), out)
-    lines = [f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in res.report["checks"]]
-    lines.append(f"report: {Path(out) / 'report.md'}")
-    emit(res, json_path, "\n".join(lines))
+    emit(res, json_path)

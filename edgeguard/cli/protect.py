@@ -41,9 +41,7 @@ def protect_watermark_cmd(bundle, out, trigger_dir, labels, n_triggers, renderer
         lr=lr, trigger_batch=trigger_batch, alpha=alpha, seed=seed,
     )
     res = embed_watermark(bundle, out, cfg, key_seed=key_seed)
-    emit(res, json_path, f"watermarked bundle {res.bundle}: {res.n} triggers (key sha256 {res.key_sha256[:16]}), "
-                         f"{res.epochs} epochs, trigger accuracy {res.trigger_accuracy:.3f} during training; "
-                         f"the key is in {Path(res.bundle) / 'vault'}")
+    emit(res, json_path)
 
 
 @protect_group.command("magicguard")
@@ -69,12 +67,7 @@ def protect_magicguard_cmd(bundle, out, a, w, site, ratio, variant, seed, json_p
     cfg = merge_flags(MagicGuardConfig, "protect magicguard", a=a, w=w, site=site, ratio=ratio, variant=variant,
                       seed=seed)
     res = protect_magicguard(bundle, out, cfg)
-    trig = (f", trigger accuracy {res.trigger_accuracy_before:.3f} -> {res.trigger_accuracy_after:.3f}"
-            if res.trigger_accuracy_before is not None else "")
-    emit(res, json_path, f"guarded bundle {res.bundle} (sha256 {res.sha256[:12]}): MagicGuard {cfg.variant} at {cfg.site}, "
-                         f"a={cfg.a:g}, w={cfg.w:g} (a*w={cfg.a * cfg.w:g}); test accuracy {res.accuracy_before:.4f} -> "
-                         f"{res.accuracy_after:.4f}, top-1 agreement {res.top1_agreement:.4f}, max |Δlogit| "
-                         f"{res.max_abs_change:.4f}{trig}")
+    emit(res, json_path)
 
 
 @protect_group.command("fragile")
@@ -109,10 +102,4 @@ def protect_fragile_cmd(artifact, out, surrogate, key_sha256, n, a, margin, step
     cfg = merge_flags(FragileConfig, "protect fragile", n=n, a=a, margin=margin, steps=steps, variant=variant, seed=seed)
     enrol_cfg = merge_flags(EnrolConfig, "enrolment", repeats=repeats, batch_sizes=batch_sizes)
     res = protect_fragile(artifact, out, cfg, enrol_cfg, surrogate=surrogate, key_sha256=key_sha256, device=device)
-    g = res.generation
-    gen = (f"generated against {res.surrogate} in {g['steps']} steps (a = {g['a']:.4g}, mean top-1 probability "
-           f"{g['mean_top1_probability']:.3f}); " if "steps" in g else "stored key; ")
-    emit(res, json_path, f"fragile triggers enrolled on {artifact} [{res.artifact['backend']} {res.artifact['precision']}]: "
-                         f"{gen}{res.kept}/{res.n} kept (margin >= {res.margin_floor:.2g}, min {res.margin_min:.3g}, noise "
-                         f"{res.noise:.2g}), agreement with the key {res.key_agreement:.3f}; re-verified "
-                         f"{res.check.verdict}; stored in {res.store} (key {res.trigger_sha256[:12]})")
+    emit(res, json_path)

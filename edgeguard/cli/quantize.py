@@ -37,5 +37,4 @@ def quantize_cmd(bundle, mode, target, out, calibration, calib_samples, calib_da
     cfg = base if mode == "ptq" else merge_flags(QatConfig, "quantize", base=base, epochs=epochs, lr=lr,
                                                  freeze_observers_epoch=freeze_observers_epoch, seed=seed)
     res = quantize_bundle(bundle, out, cfg)
-    emit(res, json_path, f"INT8 bundle {res.bundle} ({res.mode}, target {res.target}): {res.qdq_nodes} Q/DQ nodes, "
-                         f"QDQ graph {res.onnx_bytes:,} bytes")
+    emit(res, json_path)

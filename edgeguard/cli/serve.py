@@ -47,6 +47,4 @@ def serve_cmd(artifact, name, host, http_port, grpc_port, metrics_port, max_batc
         sys.stdout.flush()
 
     res = serve(artifact, cfg, device=device, ready=ready, token_file=token_file, log_file=log_file)
-    emit(res, json_path, json.dumps({"event": "stopped", "requests": res.requests, "rows": res.rows,
-                                     "batches": res.batches, "failed_batches": res.failed_batches,
-                                     "seconds": res.seconds, "stopped_by": res.stopped_by}))
+    emit(res, json_path)

@@ -42,4 +42,4 @@ def verify_cmd(artifacts, vault, alpha, dataset, data_root, split, device, json_
 
     data = _data_config(dataset, data_root, ()) if dataset else None
     res = verify_artifacts(list(artifacts), vault, alpha=alpha, data=data, split=split, device=device)
-    emit(res, json_path, res.summary())
+    emit(res, json_path)

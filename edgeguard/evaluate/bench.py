@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeguard.config import Config, require
 from edgeguard.progress import task
+from edgeguard.results import Result
 from edgeguard.runtime import Runner
 
 
@@ -52,7 +53,7 @@ class BenchRow:
 
 
 @dataclass(frozen=True)
-class BenchResult:
+class BenchResult(Result):
     rows: tuple[BenchRow, ...]
     config: dict[str, Any]
     machine: dict[str, Any]
@@ -70,6 +71,9 @@ class BenchResult:
                 f"| {r.throughput:.0f} | {r.ratio_p50:.2f}x |"
             )
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        return self.table()
 
 
 def machine_info() -> dict[str, Any]:

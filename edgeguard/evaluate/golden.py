@@ -35,6 +35,7 @@ from edgeguard.errors import BadInput
 from edgeguard.fileio import atomic_write, sha256_file
 from edgeguard.protect.fragile import FragileStore
 from edgeguard.protect.watermark import VAULT_RECORD, read_key
+from edgeguard.results import Result
 from edgeguard.runtime import open_runner
 
 FORMAT = "edgeguard-golden"
@@ -54,15 +55,17 @@ class GoldenConfig(Config):
 
 
 @dataclass(frozen=True)
-class GoldenRecord:
+class GoldenRecord(Result):
     path: str
     sha256: str
     groups: dict[str, int]  # group -> rows
     artifact: dict[str, Any]
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def summary(self) -> str:
+        groups = ", ".join(f"{k} {v}" for k, v in self.groups.items())
+        return (f"wrote {self.path} (sha256 {self.sha256[:12]}): {groups} inputs through {self.artifact['path']} "
+                f"[{self.artifact['backend']} {self.artifact['precision']}]")
 
 
 def record_golden(artifact: str | Path, out: str | Path, cfg: GoldenConfig | None = None, *,
@@ -165,7 +168,7 @@ class GroupCheck:
 
 
 @dataclass(frozen=True)
-class GoldenCheck:
+class GoldenCheck(Result):
     artifact: dict[str, Any]
     reference: dict[str, Any]
     golden: str
@@ -175,10 +178,6 @@ class GoldenCheck:
     @property
     def passed(self) -> bool:
         return all(g.passed for g in self.groups)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"artifact": self.artifact, "reference": self.reference, "golden": self.golden, "rule": self.rule,
-                "groups": [g.__dict__ for g in self.groups], "passed": self.passed}
 
     def summary(self) -> str:
         r = self.rule
@@ -191,7 +190,6 @@ class GoldenCheck:
             lines.append(f"  {g.group}: {g.n} inputs, top-1 agreement {g.top1_agreement:.4f}, max |Δprob| "
                          f"{g.max_abs_diff:.2e}, mean {g.mean_abs_diff:.2e} -> {'pass' if g.passed else 'FAIL'}")
         return "\n".join(lines)
-
 
 def compare_group(name: str, ref: np.ndarray, got: np.ndarray, rule: dict[str, Any]) -> GroupCheck:
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))

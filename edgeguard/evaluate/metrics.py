@@ -13,6 +13,7 @@ import numpy as np
 
 from edgeguard.data import ImageDataset
 from edgeguard.errors import BadInput
+from edgeguard.results import Result
 from edgeguard.runtime import Runner
 from edgeguard.runtime.parity import ParityResult, compare_runners, parity_from  # noqa: F401  (part of evaluate)
 
@@ -45,7 +46,7 @@ def predict_dataset(runner: Runner, data: ImageDataset, *, batch_size: int = 256
 
 
 @dataclass(frozen=True)
-class AccuracyResult:
+class AccuracyResult(Result):
     accuracy: float
     n: int
     correct: int
@@ -58,12 +59,6 @@ class AccuracyResult:
     @property
     def passed(self) -> bool:
         return self.min_accuracy is None or self.accuracy >= self.min_accuracy
-
-    def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["passed"] = self.passed
-        return d
-
 
 def accuracy_from(
     probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], *, dataset: str, split: str, **kw: Any

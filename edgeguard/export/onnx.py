@@ -36,6 +36,7 @@ from edgeguard.export.heads import (
 from edgeguard.fileio import atomic_write, sha256_file
 from edgeguard.models import guard as magicguard
 from edgeguard.progress import quiet_exporter
+from edgeguard.results import Result
 from edgeguard.runtime.graph import INPUT_NAME, OUTPUT_NAME
 from edgeguard.runtime.metadata import encode
 from edgeguard.runtime.parity import parity_from
@@ -68,7 +69,7 @@ class Deployed(nn.Module):
 
 
 @dataclass(frozen=True)
-class ExportResult:
+class ExportResult(Result):
     path: str
     sha256: str
     bytes: int
@@ -83,10 +84,17 @@ class ExportResult:
     sidecar: str | None = None  # host-side defense state, next to the graph
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["head_ops"] = list(self.head_ops)
-        return d
+    def summary(self) -> str:
+        check = ("stored QDQ graph of the INT8 bundle" if self.self_check_max_abs_diff is None else
+                 f"self-check vs PyTorch: max |Δprob| {self.self_check_max_abs_diff:.2e}, "
+                 f"top-1 agreement {self.self_check_top1_agreement:.4f}")
+        if self.defense != "none":
+            head = (f"; head check max |Δ| {self.head_check_max_abs_diff:.2e}" if self.head_check_max_abs_diff is not None
+                    else "; random head, values not compared" if self.placement == "graph" else "")
+            where = (f"fused in the graph ({', '.join(self.head_ops)})" if self.placement == "graph"
+                     else f"host-side, state in {self.sidecar}")
+            check += f"; defense {self.defense} {where}{head}"
+        return f"wrote {self.path} ({self.bytes:,} bytes, opset {self.opset}, sha256 {self.sha256[:12]}); {check}"
 
 
 def to_onnx_proto(module: nn.Module, input_shape: tuple[int, ...], cfg: ExportConfig):

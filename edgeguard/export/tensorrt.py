@@ -30,6 +30,7 @@ from edgeguard import __version__
 from edgeguard.config import Config, require
 from edgeguard.errors import BackendUnavailable, BadInput, CheckFailed
 from edgeguard.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from edgeguard.results import Result
 from edgeguard.runtime import trt_env
 from edgeguard.runtime.metadata import decode
 
@@ -229,7 +230,7 @@ def _pin_fp32(trt, network, nodes: tuple[str, ...], node_ops: dict[str, str] | N
 
 
 @dataclass(frozen=True)
-class EngineResult:
+class EngineResult(Result):
     engine: str
     manifest: str
     sha256: str
@@ -243,10 +244,11 @@ class EngineResult:
     fp32_layers: tuple[str, ...]
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["fp32_layers"] = list(self.fp32_layers)
-        return d
+    def summary(self) -> str:
+        p = self.profile
+        return (f"wrote {self.engine} ({self.bytes:,} bytes, {self.precision}, sha256 {self.sha256[:12]}) with "
+                f"TensorRT {self.tensorrt_version} on {self.gpu_name} (compute {self.compute_capability}) in "
+                f"{self.seconds:.1f} s; batch profile {p['min'][0]}/{p['opt'][0]}/{p['max'][0]}; manifest {self.manifest}")
 
 
 def _flag(trt, name: str):

@@ -22,6 +22,7 @@ from edgeguard.bundle import is_bundle, load_bundle
 from edgeguard.config import Config, require
 from edgeguard.errors import BadInput
 from edgeguard.fileio import atomic_dir, sha256_file
+from edgeguard.results import Result
 from edgeguard.runtime import artifact_kind, open_runner
 from edgeguard.runtime.endpoint import PARAMETER
 from edgeguard.runtime.metadata import decode, public_info
@@ -51,7 +52,7 @@ class TritonRepoConfig(Config):
 
 
 @dataclass(frozen=True)
-class TritonRepoResult:
+class TritonRepoResult(Result):
     repo: str
     model_dir: str
     config: str
@@ -59,10 +60,13 @@ class TritonRepoResult:
     model_file: str
     sha256: str
     info: dict[str, Any]
+    max_batch: int = 0
+    instances: int = 1
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def summary(self) -> str:
+        return (f"wrote {self.model_dir}: {self.platform}, max_batch_size {self.max_batch}, {self.instances} "
+                f"instance(s), defense {self.info['defense']['name']}, model sha256 {self.sha256[:12]}")
 
 
 def _q(s: str) -> str:
@@ -176,7 +180,8 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, cfg: TritonRepoCon
         (tmp / "config.pbtxt").write_text(text)
     return TritonRepoResult(repo=str(repo), model_dir=str(model_dir), config=str(model_dir / "config.pbtxt"),
                             platform=facts["platform"], model_file=str(model_dir / "1" / facts["file"]),
-                            sha256=sha256_file(model_dir / "1" / facts["file"]), info=facts["public"])
+                            sha256=sha256_file(model_dir / "1" / facts["file"]), info=facts["public"],
+                            max_batch=cfg.max_batch, instances=cfg.instances)
 
 
 __all__ = ["TritonRepoConfig", "TritonRepoResult", "check_model_settings", "config_pbtxt", "write_triton_repo"]

@@ -32,6 +32,7 @@ from edgeguard.errors import BadInput, CheckFailed
 from edgeguard.export.heads import check_head, graft_head, head_proto
 from edgeguard.export.onnx import HEAD_ATOL, PARITY_ATOL, head_check, stamp
 from edgeguard.fileio import atomic_write, sha256_file
+from edgeguard.results import Result
 from edgeguard.runtime.graph import FLAG_OUTPUT, INPUT_NAME, LOGITS, OUTPUT_NAME, probe_outputs
 from edgeguard.runtime.metadata import decode
 from edgeguard.runtime.parity import parity_from
@@ -61,7 +62,7 @@ class WrapConfig(Config):
 
 
 @dataclass(frozen=True)
-class WrapResult:
+class WrapResult(Result):
     path: str
     sha256: str
     bytes: int
@@ -81,10 +82,13 @@ class WrapResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["input_shape"], d["head_ops"], d["notes"] = list(self.input_shape), list(self.head_ops), list(self.notes)
-        return d
+    def summary(self) -> str:
+        head = f"defense {self.defense} fused ({', '.join(self.head_ops)})" if self.defense != "none" else "no defense"
+        return (f"wrote {self.path} ({self.bytes:,} bytes, sha256 {self.sha256[:12]}): wraps {self.original_sha256[:12]} "
+                f"({self.original_nodes} nodes, {self.original_initializers} initializers byte-identical), "
+                f"{self.outputs} out of the original -> probabilities, {head}; self-check vs the original: max |Δprob| "
+                f"{self.self_check_max_abs_diff:.2e}, top-1 agreement {self.self_check_top1_agreement:.4f}; "
+                + "; ".join(self.notes))
 
 
 def is_foreign_onnx(path: str | Path) -> bool:

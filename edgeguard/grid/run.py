@@ -19,6 +19,7 @@ from edgeguard.grid.config import GRID_MARKER, GRID_VERSION, GridConfig, short_h
 from edgeguard.grid.report import plot_attack, render_markdown, slug, summarize, summary_tables
 from edgeguard.grid.tasks import Executor, Job, check_backend, failure_record, run_cell, run_export
 from edgeguard.progress import log, task
+from edgeguard.results import Result
 from edgeguard.verbs import train_bundle
 
 # --- the run folder and the victim ----------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def _victim_bundle(cfg: GridConfig, out: Path) -> tuple[Path, str, dict[str, Any
 
 
 @dataclass(frozen=True)
-class GridResult:
+class GridResult(Result):
     out: str
     report: dict[str, Any]
 
@@ -91,6 +92,11 @@ class GridResult:
 
     def to_json(self) -> dict[str, Any]:
         return self.report
+
+    def summary(self) -> str:
+        c = self.report["counts"]
+        return (self.table() + f"\n{c['done']}/{c['cells']} cells done (computed {c['computed']}, reused "
+                f"{c['reused']}, failed {c['failed']}); report: {Path(self.out) / 'grid.md'}")
 
 
 def _read_cell(path: Path, cell_id: str) -> dict[str, Any] | None:

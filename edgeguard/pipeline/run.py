@@ -13,10 +13,11 @@ from edgeguard.fileio import claim_run_dir
 from edgeguard.pipeline.config import PipelineConfig
 from edgeguard.pipeline.stages import STAGES, Context
 from edgeguard.progress import log
+from edgeguard.results import Result
 
 
 @dataclass(frozen=True)
-class PipelineResult:
+class PipelineResult(Result):
     out: str
     report: dict[str, Any]
 
@@ -26,6 +27,10 @@ class PipelineResult:
 
     def to_json(self) -> dict[str, Any]:
         return self.report
+
+    def summary(self) -> str:
+        lines = [f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in self.report["checks"]]
+        return "\n".join([*lines, f"report: {Path(self.out) / 'report.md'}"])
 
 
 RUN_MARKER = ".edgeguard-run"

@@ -36,12 +36,13 @@ from edgeguard.models.guard import (  # noqa: F401  (the guard, re-exported)
     strip,
 )
 from edgeguard.protect.watermark import VAULT_RECORD, read_key
+from edgeguard.results import Result
 
 # --- the protection stage -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class MagicGuardResult:
+class MagicGuardResult(Result):
     bundle: str
     sha256: str
     config: dict[str, Any]
@@ -55,8 +56,14 @@ class MagicGuardResult:
     trigger_accuracy_after: float | None
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def summary(self) -> str:
+        c = self.config
+        trig = (f", trigger accuracy {self.trigger_accuracy_before:.3f} -> {self.trigger_accuracy_after:.3f}"
+                if self.trigger_accuracy_before is not None else "")
+        return (f"guarded bundle {self.bundle} (sha256 {self.sha256[:12]}): MagicGuard {c['variant']} at {c['site']}, "
+                f"a={c['a']:g}, w={c['w']:g} (a*w={c['a'] * c['w']:g}); test accuracy {self.accuracy_before:.4f} -> "
+                f"{self.accuracy_after:.4f}, top-1 agreement {self.top1_agreement:.4f}, max |Δlogit| "
+                f"{self.max_abs_change:.4f}{trig}")
 
 
 MAX_ACCURACY_CHANGE = 0.005  # spec AT-1: |test accuracy - BA0| <= 0.5 point

@@ -35,6 +35,7 @@ from edgeguard.models.guard import owner_gradients
 from edgeguard.progress import log
 from edgeguard.protect.trigger_files import load_trigger_dir
 from edgeguard.protect.triggers import TriggerSet, generate_triggers
+from edgeguard.results import Result
 from edgeguard.runtime import Runner
 from edgeguard.stats import binomial_tail, decision_threshold
 from edgeguard.training import Mix, TensorData, TrainConfig, fit
@@ -65,7 +66,7 @@ class WatermarkConfig(Config):
 
 
 @dataclass(frozen=True)
-class EmbedResult:
+class EmbedResult(Result):
     bundle: str
     sha256: str
     key_sha256: str
@@ -75,8 +76,10 @@ class EmbedResult:
     history: tuple[dict[str, float], ...]
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__, history=list(self.history))
+    def summary(self) -> str:
+        return (f"watermarked bundle {self.bundle}: {self.n} triggers (key sha256 {self.key_sha256[:16]}), "
+                f"{self.epochs} epochs, trigger accuracy {self.trigger_accuracy:.3f} during training; "
+                f"the key is in {Path(self.bundle) / 'vault'}")
 
 
 def _train_config(bundle: Bundle) -> TrainConfig:
@@ -181,7 +184,7 @@ def embed_watermark(
 
 
 @dataclass(frozen=True)
-class WatermarkVerification:
+class WatermarkVerification(Result):
     artifact: dict[str, Any]
     key_sha256: str
     n: int
@@ -197,10 +200,6 @@ class WatermarkVerification:
     @property
     def passed(self) -> bool:
         return self.verdict == "present"
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__, passed=self.passed)
-
 
 def read_key(vault: Vault) -> tuple[TriggerSet, dict[str, Any]]:
     if VAULT_RECORD not in vault:

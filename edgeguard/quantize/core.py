@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -24,6 +24,7 @@ from edgeguard.models import guard as magicguard
 from edgeguard.progress import log, silenced
 from edgeguard.protect.watermark import VAULT_RECORD, read_key
 from edgeguard.quantize.quantizers import make_quantizer
+from edgeguard.results import Result
 from edgeguard.runtime.parity import parity_from
 from edgeguard.training import Mix, TensorData, TrainConfig, fit
 
@@ -155,7 +156,7 @@ def _check_qdq_graph(proto, converted: torch.fx.GraphModule, data) -> None:
 
 
 @dataclass(frozen=True)
-class QuantizeResult:
+class QuantizeResult(Result):
     bundle: str
     sha256: str
     mode: str
@@ -164,8 +165,9 @@ class QuantizeResult:
     qdq_nodes: int
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def summary(self) -> str:
+        return (f"INT8 bundle {self.bundle} ({self.mode}, target {self.target}): {self.qdq_nodes} Q/DQ nodes, "
+                f"QDQ graph {self.onnx_bytes:,} bytes")
 
 
 def quantize_bundle(source: str | Path, out: str | Path, cfg: PtqConfig | QatConfig) -> QuantizeResult:

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 
 from edgeguard.errors import BadInput
+from edgeguard.results import Result
 from edgeguard.runtime.base import Runner
 
 
 @dataclass(frozen=True)
-class ParityResult:
+class ParityResult(Result):
     n: int
     max_abs_diff: float
     mean_abs_diff: float
@@ -24,12 +25,6 @@ class ParityResult:
     @property
     def passed(self) -> bool:
         return self.max_abs_diff <= self.atol and self.top1_agreement == 1.0
-
-    def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["passed"] = self.passed
-        return d
-
 
 def parity_from(pa: np.ndarray, pb: np.ndarray, *, atol: float, a: str = "a", b: str = "b") -> ParityResult:
     if pa.shape != pb.shape:

@@ -41,6 +41,7 @@ from edgeguard.errors import BackendUnavailable, BadInput, ServerExited
 from edgeguard.export.triton_repo import check_model_settings
 from edgeguard.fileio import atomic_write_bytes
 from edgeguard.progress import log
+from edgeguard.results import Result
 from edgeguard.runtime import is_remote, open_runner
 from edgeguard.runtime.endpoint import PARAMETER
 from edgeguard.runtime.metadata import public_info
@@ -75,7 +76,7 @@ class ServeConfig(Config):
 
 
 @dataclass(frozen=True)
-class ServeResult:
+class ServeResult(Result):
     """What a server did, returned when it has stopped."""
 
     artifact: str
@@ -89,8 +90,10 @@ class ServeResult:
     stopped_by: str
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def summary(self) -> str:
+        """One JSON line (stdout of a server is machine-read)."""
+        return json.dumps({"event": "stopped", "requests": self.requests, "rows": self.rows, "batches": self.batches,
+                           "failed_batches": self.failed_batches, "seconds": self.seconds, "stopped_by": self.stopped_by})
 
 
 def server_env(env: dict[str, str] | None = None) -> dict[str, str]:

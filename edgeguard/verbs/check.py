@@ -22,6 +22,7 @@ from edgeguard.evaluate.defense import DefenseMeasurement, measure_defense
 from edgeguard.export.wrap import wrapped_original
 from edgeguard.protect.fragile import FragileStore, verify_store
 from edgeguard.protect.watermark import VAULT_RECORD, verify_watermark
+from edgeguard.results import Result
 from edgeguard.runtime import artifact_kind, open_runner
 
 
@@ -65,7 +66,7 @@ def evaluate_defense(
 
 
 @dataclass(frozen=True)
-class EvaluationResult:
+class EvaluationResult(Result):
     """``edgeguard evaluate``: accuracy of an artifact, plus the defense measurements when it carries a defense."""
 
     accuracy: AccuracyResult
@@ -109,13 +110,49 @@ def evaluate(
 
 
 @dataclass(frozen=True)
-class ArtifactDescription:
+class ArtifactDescription(Result):
     info: dict[str, Any]
     details: dict[str, Any]
     passed: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {"info": self.info, **self.details}
+
+    def summary(self) -> str:
+        i = self.info
+        lines = [
+            f"artifact    {i['path']}",
+            f"backend     {i['backend']} ({i['device']})",
+            f"precision   {i['precision']}",
+            f"defense     {i['defense']}",
+            f"input       N x {' x '.join(str(d) for d in i['input_shape'])} "
+            + ("(normalisation unknown: not recorded in the graph)" if "third_party" in self.details
+               else "(raw images in [0,1] or uint8)"),
+            f"classes     {len(i['classes'])}: {', '.join(i['classes'][:10])}{' ...' if len(i['classes']) > 10 else ''}",
+            f"sha256      {i['sha256']}",
+        ]
+        if "manifest" in self.details:
+            m = self.details["manifest"]
+            lines.append(f"arch        {m['arch']} (edgeguard {m.get('edgeguard_version', '?')})")
+            lines.append(f"stages      {' -> '.join(s['stage'] for s in m['stages'])}")
+            lines.append(f"vault       {', '.join(self.details['vault_entries']) or '(empty)'}")
+        if "onnx" in self.details:
+            o = self.details["onnx"]
+            lines.append(f"onnx        opset {o['opset']}, {o['nodes']} nodes, {o['bytes']:,} bytes")
+        if "third_party" in self.details:
+            t = self.details["third_party"]
+            lines.append(f"outputs     {t['outputs']} ({t['why']})" + ("; the runner applies a softmax"
+                                                                        if t["outputs"] == "logits" else ""))
+            lines.append("note        not an edgeguard artifact: `edgeguard export FILE --mean .. --std .. --out W.onnx` "
+                         "wraps it (raw images in, probabilities out, defense fused)")
+        if "wrapped" in self.details:
+            w = self.details["wrapped"]
+            a, b = w["node_range"]
+            i0, i1 = w["initializer_range"]
+            lines.append(f"wraps       {w['file']} (sha256 {w['sha256'][:12]}, returns {w['outputs']}, layout "
+                         f"{w['layout']}): {b - a} nodes, {i1 - i0} initializers "
+                         + ("byte-identical (checked now)" if w["intact"] else "CHANGED since wrapping"))
+        return "\n".join(lines)
 
 
 def describe_artifact(path: str | Path) -> ArtifactDescription:
@@ -174,7 +211,7 @@ def bench_artifacts(
 
 
 @dataclass(frozen=True)
-class VerifyResult:
+class VerifyResult(Result):
     watermark: Any  # WatermarkVerification, or None when the vault holds no watermark
     fragile: Any = None  # FragileVerification, or None when the vault holds no fragile enrolment
     clean: AccuracyResult | None = None
@@ -242,7 +279,7 @@ def verify_artifact(
 
 
 @dataclass(frozen=True)
-class VerifyResults:
+class VerifyResults(Result):
     results: tuple[VerifyResult, ...]
 
     @property

@@ -29,6 +29,7 @@ from edgeguard.export import ExportConfig, ExportResult, export_onnx
 from edgeguard.export.triton_repo import TritonRepoConfig, TritonRepoResult, write_triton_repo
 from edgeguard.export.wrap import WrapConfig, WrapResult, is_foreign_onnx, wrap_onnx
 from edgeguard.models import count_parameters, create_model
+from edgeguard.results import Result
 from edgeguard.runtime import artifact_kind, open_runner
 from edgeguard.training import FitResult, TrainConfig, fit
 
@@ -36,7 +37,7 @@ VAL_FRACTION = 0.1  # held out of the training split when early stopping needs a
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(Result):
     bundle: str
     sha256: str
     arch: str
@@ -54,6 +55,12 @@ class TrainResult:
             "parameters": self.parameters,
             **self.fit.to_json(),
         }
+
+    def summary(self) -> str:
+        last = self.fit.history[-1]
+        return (f"bundle {self.bundle} (sha256 {self.sha256[:12]}): {self.arch} on {self.dataset}, "
+                f"{self.fit.epochs} epochs in {self.fit.seconds:.1f} s, final loss {last['loss']:.4f}, "
+                f"train accuracy {last.get('train_accuracy', float('nan')):.4f}")
 
 
 def train_bundle(data: DataConfig, model: ModelConfig, train: TrainConfig, out: str | Path) -> TrainResult:

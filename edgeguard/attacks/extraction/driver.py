@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,12 @@ from edgeguard.config import DataConfig
 from edgeguard.data import load_data
 from edgeguard.errors import BadInput, CheckFailed
 from edgeguard.models import create_model
+from edgeguard.results import Result
 from edgeguard.runtime import artifact_kind, open_runner
 
 
 @dataclass(frozen=True)
-class ExtractionResult:
+class ExtractionResult(Result):
     method: str
     artifact: str
     defense: str
@@ -41,9 +42,6 @@ class ExtractionResult:
     # work: surrogate training, synthesis), evaluation (accuracy and fidelity on the test split)
     timings: dict[str, float] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
     def summary(self) -> str:
         l1 = f", defense L1 {self.defense_l1_mean:.4f}" if self.defense_l1_mean is not None else ""
         if self.fidelity is None:
@@ -56,7 +54,6 @@ class ExtractionResult:
         return (f"{self.method} against {self.artifact} (defense {self.defense}): {self.queries_used}/{self.budget} "
                 f"queries{srv}; surrogate accuracy {self.surrogate_accuracy:.4f}, {fid}{l1}; "
                 f"surrogate bundle {self.surrogate_bundle}")
-
 
 def method_config(method: str, params: dict[str, Any] | None = None) -> ExtractionConfig:
     entry = ATTACKS.entry(method)

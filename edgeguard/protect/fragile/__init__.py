@@ -62,6 +62,7 @@ from edgeguard.protect.fragile.generator import (
 )
 from edgeguard.protect.fragile.refine import row_variance
 from edgeguard.protect.fragile.store import FOLDER, FragileStore, verify_store
+from edgeguard.results import Result
 from edgeguard.runtime import artifact_kind, open_runner
 from edgeguard.runtime.onnx_torch import differentiable_copy
 
@@ -94,7 +95,7 @@ def _is_qdq(path: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class FragileResult:
+class FragileResult(Result):
     store: str
     artifact: dict[str, Any]
     surrogate: str
@@ -109,10 +110,14 @@ class FragileResult:
     check: FragileVerification
     passed: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "check"}
-        d["check"] = self.check.to_json()
-        return d
+    def summary(self) -> str:
+        g = self.generation
+        gen = (f"generated against {self.surrogate} in {g['steps']} steps (a = {g['a']:.4g}, mean top-1 probability "
+               f"{g['mean_top1_probability']:.3f}); " if "steps" in g else "stored key; ")
+        return (f"fragile triggers enrolled on {self.artifact['path']} [{self.artifact['backend']} "
+                f"{self.artifact['precision']}]: {gen}{self.kept}/{self.n} kept (margin >= {self.margin_floor:.2g}, "
+                f"min {self.margin_min:.3g}, noise {self.noise:.2g}), agreement with the key {self.key_agreement:.3f}; "
+                f"re-verified {self.check.verdict}; stored in {self.store} (key {self.trigger_sha256[:12]})")
 
 
 def protect_fragile(artifact: str | Path, out: str | Path | None = None, cfg: FragileConfig | None = None,

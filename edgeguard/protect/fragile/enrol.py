@@ -14,6 +14,7 @@ import numpy as np
 from edgeguard.config import Config, require
 from edgeguard.errors import BadInput, CheckFailed
 from edgeguard.protect.fragile.generator import FragileKey
+from edgeguard.results import Result
 
 RECORD_FORMAT = "edgeguard-fragile"
 
@@ -97,7 +98,7 @@ def enrol(runner, key: FragileKey, cfg: EnrolConfig | None = None, *, generation
 
 
 @dataclass(frozen=True)
-class FragileVerification:
+class FragileVerification(Result):
     artifact: dict[str, Any]
     verdict: str  # intact | modified | drift
     hash_matches: bool
@@ -114,16 +115,12 @@ class FragileVerification:
     def passed(self) -> bool:
         return self.verdict == "intact"
 
-    def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "flipped": list(self.flipped), "passed": self.passed}
-
     def summary(self) -> str:
         first = f"{self.note}; " if self.note else ""
         flips = (f", flipped triggers {list(self.flipped[:10])}{' ...' if len(self.flipped) > 10 else ''}"
                  if self.flipped else "")
         return (f"fragile {self.verdict.upper()}: {first}AccTri {self.acc_tri:.3f} on {self.kept} enrolled triggers{flips}, "
                 f"max |Δlog p| {self.max_deviation:.2g} (tolerance {self.tolerance:.2g})")
-
 
 def check_record(record: Any, where: str = "the fragile enrolment") -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
