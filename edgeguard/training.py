@@ -212,6 +212,106 @@ def _cycle(source: Mix, generator: torch.Generator) -> Iterator[tuple[torch.Tens
             raise BadInput("the extra data mixed into training is empty")
 
 
+class _Loop:
+    """One fit() call's per-step state: the optimiser step on a batch, with the hooks and the divergence check."""
+
+    def __init__(self, state: TrainState, *, device, gen, layout, extra_iter, scheduler, step, loss_fn, selected,
+                 stop_on_divergence: bool, hooks: Sequence[Any]):
+        self.state, self.device, self.gen, self.layout, self.extra_iter = state, device, gen, layout, extra_iter
+        self.scheduler, self.step, self.loss_fn, self.selected = scheduler, step, loss_fn, selected
+        self.stop_on_divergence, self.hooks = stop_on_divergence, hooks
+
+    def _hook(self, name: str) -> None:
+        for h in self.hooks:
+            getattr(h, name, lambda s: None)(self.state)
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.state.cfg
+        x = augment_batch(x.to(self.device), cfg.augment, self.gen)  # clean data only: extra batches stay as given
+        if self.extra_iter is not None:
+            ex, ey = next(self.extra_iter)
+            x, y = torch.cat([x, ex.to(device=self.device, dtype=x.dtype)]), torch.cat([y, ey.to(y.dtype)])
+        if self.layout is not None and x.dim() == 4:
+            x = x.contiguous(memory_format=self.layout)
+        return x, y.to(self.device)
+
+    def epoch(self, data: Batches, bar) -> tuple[float, int, int]:
+        """One pass over ``data``: (summed loss, rows seen, correct top-1 where logits exist)."""
+        state, cfg, model, optimizer = self.state, self.state.cfg, self.state.model, self.state.optimizer
+        loss_sum, n_seen, correct = 0.0, 0, 0
+        for x, y in data.batches(cfg.batch_size, shuffle=True, generator=self.gen):
+            x, y = self._batch(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            if self.step is not None:
+                value, logits = self.step(state, x, y), None
+            else:
+                logits = model(x)
+                value = self.loss_fn(logits, y)
+            state.last_loss = float(value.detach())
+            if not math.isfinite(state.last_loss):  # checked before the update: it is never applied
+                state.step += 1
+                if self.stop_on_divergence:
+                    state.diverged_at, state.stop = state.step, True
+                    break
+                raise CheckFailed(f"training diverged at step {state.step} (loss {state.last_loss}); lower the "
+                                  "learning rate. Nothing was written")
+            if value.requires_grad:
+                value.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in self.selected], cfg.grad_clip)
+                optimizer.step()
+            self.scheduler.step()
+            state.step += 1
+            loss_sum += state.last_loss * len(y)
+            n_seen += len(y)
+            if logits is not None:
+                target = y.argmax(1) if y.dtype.is_floating_point else y
+                correct += int((logits.detach().argmax(1) == target).sum())
+            bar.advance()
+            self._hook("on_step_end")
+            if state.stop or (cfg.max_steps and state.step >= cfg.max_steps):
+                break
+        return loss_sum, n_seen, correct
+
+
+def _epoch_metrics(epoch: int, loss_sum: float, n_seen: int, optimizer, t_epoch: float,
+                   correct: int | None) -> dict[str, Any]:
+    metrics = {"epoch": epoch + 1, "loss": round(loss_sum / max(1, n_seen), 6), "lr": optimizer.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - t_epoch, 3)}
+    if correct is not None:
+        metrics["train_accuracy"] = round(correct / max(1, n_seen), 6)
+    return metrics
+
+
+class _Best:
+    """The best validation accuracy so far, epochs since, and (``keep``: early stopping) that epoch's weights."""
+
+    def __init__(self, keep: bool):
+        self.keep, self.accuracy, self.state, self.since = keep, None, None, 0
+
+    def update(self, model: nn.Module, acc: float) -> float:
+        if self.accuracy is None or acc > self.accuracy:
+            self.accuracy, self.since = acc, 0
+            if self.keep:
+                self.state = copy.deepcopy(model.state_dict())
+        else:
+            self.since += 1
+        return acc
+
+
+def _select(model: nn.Module, params: Callable[[str, nn.Parameter], bool] | None):
+    """(trained parameters, parameters frozen for this call): ``params`` picks by name; the others stop needing
+    gradients until fit() returns."""
+    named = list(model.named_parameters())
+    selected = [(n, p) for n, p in named if params is None or params(n, p)]
+    if not selected:
+        raise BadInput("no parameters are selected for training")
+    frozen = [p for n, p in named if params is not None and not params(n, p) and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return selected, frozen
+
+
 def fit(
     model: nn.Module,
     data: Batches,
@@ -244,108 +344,36 @@ def fit(
     layout = torch.channels_last if channels_last else None
     if layout is not None:
         model.to(memory_format=layout)  # parameters keep their identity: only their storage order changes
-    loss_fn = loss or default_loss(cfg)
-
-    named = list(model.named_parameters())
-    selected = [(n, p) for n, p in named if params is None or params(n, p)]
-    if not selected:
-        raise BadInput("no parameters are selected for training")
-    frozen = [p for n, p in named if params is not None and not params(n, p) and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-
+    selected, frozen = _select(model, params)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     optimizer = _make_optimizer([p for _, p in selected], cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, steps_per_epoch))
     state = TrainState(model=model, optimizer=optimizer, cfg=cfg)
-    extra_iter = _cycle(extra, gen) if extra is not None else None
-    best_acc: float | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    since_best = 0
+    loop = _Loop(state, device=device, gen=gen, layout=layout, extra_iter=_cycle(extra, gen) if extra is not None else None,
+                 scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, steps_per_epoch)), step=step,
+                 loss_fn=loss or default_loss(cfg), selected=selected, stop_on_divergence=stop_on_divergence, hooks=hooks)
+    best = _Best(keep=bool(cfg.early_stop_patience))
     stopped_early = False
     t0 = time.perf_counter()
-    for h in hooks:
-        getattr(h, "on_fit_start", lambda s: None)(state)
+    loop._hook("on_fit_start")
     try:
         total_steps = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
         with task(desc, total_steps, quiet=quiet) as bar:
             for epoch in range(cfg.epochs):
                 state.epoch = epoch
                 model.train()
-                for h in hooks:
-                    getattr(h, "on_epoch_start", lambda s: None)(state)
+                loop._hook("on_epoch_start")
                 t_epoch = time.perf_counter()
-                loss_sum, n_seen, correct = 0.0, 0, 0
-                for x, y in data.batches(cfg.batch_size, shuffle=True, generator=gen):
-                    x = augment_batch(x.to(device), cfg.augment, gen)  # clean data only: extra batches stay as given
-                    if extra_iter is not None:
-                        ex, ey = next(extra_iter)
-                        x, y = torch.cat([x, ex.to(device=device, dtype=x.dtype)]), torch.cat([y, ey.to(y.dtype)])
-                    if layout is not None and x.dim() == 4:
-                        x = x.contiguous(memory_format=layout)
-                    y = y.to(device)
-                    optimizer.zero_grad(set_to_none=True)
-                    if step is not None:
-                        value = step(state, x, y)
-                        logits = None
-                    else:
-                        logits = model(x)
-                        value = loss_fn(logits, y)
-                    state.last_loss = float(value.detach())
-                    if not math.isfinite(state.last_loss):  # checked before the update: it is never applied
-                        state.step += 1
-                        if stop_on_divergence:
-                            state.diverged_at = state.step
-                            state.stop = True
-                            break
-                        raise CheckFailed(
-                            f"training diverged at step {state.step} (loss {state.last_loss}); lower the learning rate. "
-                            "Nothing was written"
-                        )
-                    if value.requires_grad:
-                        value.backward()
-                        if cfg.grad_clip:
-                            torch.nn.utils.clip_grad_norm_([p for _, p in selected], cfg.grad_clip)
-                        optimizer.step()
-                    scheduler.step()
-                    state.step += 1
-                    loss_sum += state.last_loss * len(y)
-                    n_seen += len(y)
-                    if logits is not None:
-                        target = y.argmax(1) if y.dtype.is_floating_point else y
-                        correct += int((logits.detach().argmax(1) == target).sum())
-                    bar.advance()
-                    for h in hooks:
-                        getattr(h, "on_step_end", lambda s: None)(state)
-                    if state.stop or (cfg.max_steps and state.step >= cfg.max_steps):
-                        break
-                metrics = {
-                    "epoch": epoch + 1,
-                    "loss": round(loss_sum / max(1, n_seen), 6),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": round(time.perf_counter() - t_epoch, 3),
-                }
-                if step is None:
-                    metrics["train_accuracy"] = round(correct / max(1, n_seen), 6)
+                loss_sum, n_seen, correct = loop.epoch(data, bar)
+                metrics = _epoch_metrics(epoch, loss_sum, n_seen, optimizer, t_epoch, correct if step is None else None)
                 if val_data is not None:
-                    acc = model_accuracy(model, val_data, device)
-                    metrics["val_accuracy"] = round(acc, 6)
-                    if best_acc is None or acc > best_acc:
-                        best_acc, since_best = acc, 0
-                        if cfg.early_stop_patience:
-                            best_state = copy.deepcopy(model.state_dict())
-                    else:
-                        since_best += 1
+                    metrics["val_accuracy"] = round(best.update(model, model_accuracy(model, val_data, device)), 6)
                 state.metrics = metrics
                 state.history.append(metrics)
-                bar.note(
-                    f"epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f}"
-                    + (f" train {metrics['train_accuracy']:.4f}" if "train_accuracy" in metrics else "")
-                    + (f" val {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "")
-                )
-                for h in hooks:
-                    getattr(h, "on_epoch_end", lambda s: None)(state)
-                if cfg.early_stop_patience and val_data is not None and since_best >= cfg.early_stop_patience:
+                bar.note(f"epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f}"
+                         + (f" train {metrics['train_accuracy']:.4f}" if "train_accuracy" in metrics else "")
+                         + (f" val {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""))
+                loop._hook("on_epoch_end")
+                if cfg.early_stop_patience and val_data is not None and best.since >= cfg.early_stop_patience:
                     stopped_early = True
                     break
                 if state.stop or (cfg.max_steps and state.step >= cfg.max_steps):
@@ -355,15 +383,9 @@ def fit(
             p.requires_grad_(True)
         if layout is not None:
             model.to(memory_format=torch.contiguous_format)
-    if best_state is not None and stopped_early:
-        model.load_state_dict(best_state)
+    if best.state is not None and stopped_early:
+        model.load_state_dict(best.state)
     model.eval()
-    return FitResult(
-        epochs=len(state.history),
-        steps=state.step,
-        seconds=time.perf_counter() - t0,
-        stopped_early=stopped_early,
-        best_val_accuracy=best_acc,
-        history=tuple(state.history),
-        diverged_at=state.diverged_at,
-    )
+    return FitResult(epochs=len(state.history), steps=state.step, seconds=time.perf_counter() - t0,
+                     stopped_early=stopped_early, best_val_accuracy=best.accuracy, history=tuple(state.history),
+                     diverged_at=state.diverged_at)
