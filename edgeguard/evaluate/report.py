@@ -34,120 +34,168 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if "train" in res:
-        t = res["train"]
-        last = t["history"][-1] if t["history"] else {}
-        out += ["## Training", ""]
-        out += [
-            _table(
-                ["arch", "dataset", "parameters", "epochs", "steps", "seconds", "final loss", "final train acc"],
-                [[t["arch"], t["dataset"], f"{t['parameters']:,}", t["epochs"], t["steps"], f"{t['seconds']:.1f}",
-                  f"{last.get('loss', float('nan')):.4f}", f"{last.get('train_accuracy', float('nan')):.4f}"]],
-                "llrrrrrr",
-            ),
-            "",
-        ]
+        out += _train_section(res)
     if "import" in res:
-        t = res["import"]
-        out += ["## Imported model", ""]
-        out += [
-            _table(
-                ["source", "kind", "parameters", "input", "classes", "head", "outputs", "mean", "std"],
-                [[t["source"], t["kind"], f"{t['parameters']:,}", "x".join(map(str, t["input_shape"])), len(t["classes"]),
-                  t["head"], t["outputs"], ", ".join(f"{v:g}" for v in t["mean"]), ", ".join(f"{v:g}" for v in t["std"])]],
-                "llrlrllll",
-            ),
-            "",
-        ]
-        if t.get("weights"):
-            out += [f"Weights: {t['weights']}", ""]
+        out += _import_section(res)
     if "evaluate" in res:
-        acc = res["evaluate"]["accuracy"]
-        any_acc = next(iter(acc.values()))
-        out += [f"## Accuracy ({any_acc['dataset']} {any_acc['split']} split, n={any_acc['n']})", ""]
-        rows = []
-        for name, a in acc.items():
-            art = a["artifact"]
-            size = f"{a['bytes'] / 1e6:.2f} MB" if "bytes" in a else "?"
-            rows.append([name, art["backend"], art["precision"], art["defense"], f"{a['accuracy']:.4f}",
-                         f"{a['correct']}/{a['n']}", size, art["sha256"][:12]])
-        out += [_table(["artifact", "backend", "precision", "defense", "accuracy", "correct", "size", "sha256"], rows, "llllrrrl"), ""]
-        if res["evaluate"]["parity"]:
-            out += ["## Agreement with the PyTorch bundle (same inputs, whole split; gated for FP32 artifacts only)", ""]
-            rows = [[name, f"{p['max_abs_diff']:.2e}", f"{p['mean_abs_diff']:.2e}", f"{p['top1_agreement']:.4f}",
-                     f"{p['atol']:g}", ("pass" if p["passed"] else "FAIL") if acc[name]["artifact"]["precision"] == "fp32" else "INT8: see accuracy"]
-                    for name, p in res["evaluate"]["parity"].items()]
-            out += [_table(["artifact", "max abs Δprob", "mean abs Δprob", "top-1 agreement", "tolerance", "verdict"], rows, "lrrrrl"), ""]
+        out += _accuracy_section(res)
     if "watermark" in res:
-        out += ["## Watermark (Adi et al. backdoor) on the ONNX artifacts", ""]
-        a = res["watermark"]["attack"]["params"]
-        if a["modes"]:
-            out += [f"Removal attacks: {a['epochs']} epochs of SGD at lr {a['lr']:g} on {a['data_fraction']:.0%} of the "
-                     "owner's training data, ground-truth labels, no triggers; each attacked model is exported and "
-                     "checked as an outside verifier would (the owner's last layer is never put back)."
-                     + (" They target the watermarked bundle before MagicGuard; fine-tuning the guarded bundle is in "
-                        "the MagicGuard section." if "magicguard" in res else ""), ""]
-        rows = [[r["model"], f"{r['clean_accuracy']:.4f}", f"{r['matches']}/{r['n']}", f"{r['trigger_accuracy']:.2f}",
-                 f"{r['p_value']:.2e}", r["m_star"], r["verdict"]] for r in res["watermark"]["rows"]]
-        out += [_table(["model", "clean accuracy", "trigger matches", "trigger accuracy", "p-value", "threshold m*", "verdict"],
-                       rows, "lrrrrrl"), ""]
+        out += _watermark_section(res)
     if "magicguard" in res:
         out += _magicguard_section(res["magicguard"])
     if "fragile" in res:
         out += _fragile_section(res["fragile"])
     if "defenses" in res:
-        d = res["defenses"]
-        ood = d["ood"]["params"]
-        out += ["## Output defenses against model extraction (each artifact against its own undefended view)", ""]
-        out += [f"Accuracy and argmax agreement on the {res.get('evaluate', {}).get('accuracy', {}).get('bundle', {}).get('split', 'test')} "
-                f"split; L1 = |defended - undefended| summed over classes, mean (max) per query; OOD = {ood['name']} "
-                f"{ood['options']}; latency ratio = defended p50 / undefended p50 in the same run.", ""]
-        rows = []
-        for r in d["rows"]:
-            rows.append([r["defense"], r["precision"], "graph" if r["fusable"] else "host",
-                         f"{r['accuracy']:.4f}", f"{r['agreement']:.4f}", f"{r['l1_mean']:.4f} ({r['l1_max']:.3f})",
-                         f"{r['ood_l1_mean']:.4f}" if r["ood_l1_mean"] is not None else "-",
-                         f"{r['ood_agreement']:.4f}" if r["ood_agreement"] is not None else "-",
-                         _num(r.get("latency_ratio_b1")), _num(r.get("latency_ratio_b64"))])
-        out += [_table(["defense", "model", "runs in", "accuracy", "argmax agreement", "L1 test", "L1 OOD", "OOD agreement",
-                        "latency x (b1)", "latency x (b64)"], rows, "lllrrrrrrr"), ""]
+        out += _defenses_section(res)
     if "extraction" in res:
-        x = res["extraction"]
-        p = x["config"]["params"]
-        out += [f"## Model extraction ({x['method']}) against the shipped FP32 model", ""]
-        out += [f"Budget {p['budget']} queries from `{p['query_set']}`, surrogate {p['surrogate']} trained {p['epochs']} epochs; "
-                "accuracy and fidelity (top-1 agreement with the defended victim) on the test split.", ""]
-        rows = [[r["defense"], r["queries_used"], f"{r['surrogate_accuracy']:.4f}", f"{r['fidelity']:.4f}",
-                 f"{r['defender_accuracy']:.4f}", _num(r["defense_l1_mean"], ".4f")] for r in x["rows"]]
-        out += [_table(["defense", "queries", "surrogate accuracy", "fidelity", "defender accuracy", "defense L1 (attacker queries)"],
-                       rows, "lrrrrr"), ""]
+        out += _extraction_section(res)
     if "bench" in res:
-        b = res["bench"]
-        m = b["machine"]
-        out += [f"## Latency ({m['processor']}, {m['cpus']} CPUs; warm-up excluded; speed-up relative to the first row)", ""]
-        rows = [[r["artifact"], r["backend"], r["batch"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['throughput']:.0f}",
-                 f"{r['ratio_p50']:.2f}x"] for r in b["rows"]]
-        out += [_table(["artifact", "backend", "batch", "p50 ms", "p90 ms", "img/s", "speed-up"], rows, "llrrrrr"), ""]
+        out += _bench_section(res)
     if "serve" in res:
-        sv = res["serve"]
-        out += [f"## Served by Triton Inference Server ({sv['protocol']}, `{sv['url']}`): the same checks as on the file", ""]
-        rows = []
-        if "watermark_file" in sv:
-            for where in ("file", "server"):
-                w = sv[f"watermark_{where}"]
-                rows.append([f"watermark ({where})", f"{w['verdict']}: {w['matches']}/{w['n']}, p-value {w['p_value']:.3g}"])
-        for where in ("file", "server"):
-            k = sv[f"knockoff_{where}"]
-            srv = k.get("server") or {}
-            counted = f", Triton counted {srv['inference_rows']} rows" if srv.get("inference_rows") is not None else ""
-            rows.append([f"KnockoffNets ({where})", f"{k['queries_used']}/{k['budget']} queries{counted}; fidelity "
-                         f"{k['fidelity']:.4f}, surrogate accuracy {k['surrogate_accuracy']:.4f}"])
-        rows.append(["SIGTERM to exit", f"{sv['stop_seconds']:.2f} s"])
-        out += [_table(["check", "result"], rows), ""]
+        out += _serve_section(res)
     out += ["## Artifacts", ""]
     out += [_table(["name", "path"], [[k, f"`{v}`"] for k, v in report["artifacts"].items()]), ""]
     out += ["## Checks", ""]
     out += [f"- {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in report["checks"]]
     return "\n".join(out) + "\n"
+
+
+def _train_section(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    t = res["train"]
+    last = t["history"][-1] if t["history"] else {}
+    out += ["## Training", ""]
+    out += [
+        _table(
+            ["arch", "dataset", "parameters", "epochs", "steps", "seconds", "final loss", "final train acc"],
+            [[t["arch"], t["dataset"], f"{t['parameters']:,}", t["epochs"], t["steps"], f"{t['seconds']:.1f}",
+              f"{last.get('loss', float('nan')):.4f}", f"{last.get('train_accuracy', float('nan')):.4f}"]],
+            "llrrrrrr",
+        ),
+        "",
+    ]
+    return out
+
+
+def _import_section(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    t = res["import"]
+    out += ["## Imported model", ""]
+    out += [
+        _table(
+            ["source", "kind", "parameters", "input", "classes", "head", "outputs", "mean", "std"],
+            [[t["source"], t["kind"], f"{t['parameters']:,}", "x".join(map(str, t["input_shape"])), len(t["classes"]),
+              t["head"], t["outputs"], ", ".join(f"{v:g}" for v in t["mean"]), ", ".join(f"{v:g}" for v in t["std"])]],
+            "llrlrllll",
+        ),
+        "",
+    ]
+    if t.get("weights"):
+        out += [f"Weights: {t['weights']}", ""]
+    return out
+
+
+def _accuracy_section(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    acc = res["evaluate"]["accuracy"]
+    any_acc = next(iter(acc.values()))
+    out += [f"## Accuracy ({any_acc['dataset']} {any_acc['split']} split, n={any_acc['n']})", ""]
+    rows = []
+    for name, a in acc.items():
+        art = a["artifact"]
+        size = f"{a['bytes'] / 1e6:.2f} MB" if "bytes" in a else "?"
+        rows.append([name, art["backend"], art["precision"], art["defense"], f"{a['accuracy']:.4f}",
+                     f"{a['correct']}/{a['n']}", size, art["sha256"][:12]])
+    out += [_table(["artifact", "backend", "precision", "defense", "accuracy", "correct", "size", "sha256"], rows, "llllrrrl"), ""]
+    if res["evaluate"]["parity"]:
+        out += ["## Agreement with the PyTorch bundle (same inputs, whole split; gated for FP32 artifacts only)", ""]
+        rows = [[name, f"{p['max_abs_diff']:.2e}", f"{p['mean_abs_diff']:.2e}", f"{p['top1_agreement']:.4f}",
+                 f"{p['atol']:g}", ("pass" if p["passed"] else "FAIL") if acc[name]["artifact"]["precision"] == "fp32" else "INT8: see accuracy"]
+                for name, p in res["evaluate"]["parity"].items()]
+        out += [_table(["artifact", "max abs Δprob", "mean abs Δprob", "top-1 agreement", "tolerance", "verdict"], rows, "lrrrrl"), ""]
+    return out
+
+
+def _watermark_section(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    out += ["## Watermark (Adi et al. backdoor) on the ONNX artifacts", ""]
+    a = res["watermark"]["attack"]["params"]
+    if a["modes"]:
+        out += [f"Removal attacks: {a['epochs']} epochs of SGD at lr {a['lr']:g} on {a['data_fraction']:.0%} of the "
+                 "owner's training data, ground-truth labels, no triggers; each attacked model is exported and "
+                 "checked as an outside verifier would (the owner's last layer is never put back)."
+                 + (" They target the watermarked bundle before MagicGuard; fine-tuning the guarded bundle is in "
+                    "the MagicGuard section." if "magicguard" in res else ""), ""]
+    rows = [[r["model"], f"{r['clean_accuracy']:.4f}", f"{r['matches']}/{r['n']}", f"{r['trigger_accuracy']:.2f}",
+             f"{r['p_value']:.2e}", r["m_star"], r["verdict"]] for r in res["watermark"]["rows"]]
+    out += [_table(["model", "clean accuracy", "trigger matches", "trigger accuracy", "p-value", "threshold m*", "verdict"],
+                   rows, "lrrrrrl"), ""]
+    return out
+
+
+def _defenses_section(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    d = res["defenses"]
+    ood = d["ood"]["params"]
+    out += ["## Output defenses against model extraction (each artifact against its own undefended view)", ""]
+    out += [f"Accuracy and argmax agreement on the {res.get('evaluate', {}).get('accuracy', {}).get('bundle', {}).get('split', 'test')} "
+            f"split; L1 = |defended - undefended| summed over classes, mean (max) per query; OOD = {ood['name']} "
+            f"{ood['options']}; latency ratio = defended p50 / undefended p50 in the same run.", ""]
+    rows = []
+    for r in d["rows"]:
+        rows.append([r["defense"], r["precision"], "graph" if r["fusable"] else "host",
+                     f"{r['accuracy']:.4f}", f"{r['agreement']:.4f}", f"{r['l1_mean']:.4f} ({r['l1_max']:.3f})",
+                     f"{r['ood_l1_mean']:.4f}" if r["ood_l1_mean"] is not None else "-",
+                     f"{r['ood_agreement']:.4f}" if r["ood_agreement"] is not None else "-",
+                     _num(r.get("latency_ratio_b1")), _num(r.get("latency_ratio_b64"))])
+    out += [_table(["defense", "model", "runs in", "accuracy", "argmax agreement", "L1 test", "L1 OOD", "OOD agreement",
+                    "latency x (b1)", "latency x (b64)"], rows, "lllrrrrrrr"), ""]
+    return out
+
+
+def _extraction_section(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    x = res["extraction"]
+    p = x["config"]["params"]
+    out += [f"## Model extraction ({x['method']}) against the shipped FP32 model", ""]
+    out += [f"Budget {p['budget']} queries from `{p['query_set']}`, surrogate {p['surrogate']} trained {p['epochs']} epochs; "
+            "accuracy and fidelity (top-1 agreement with the defended victim) on the test split.", ""]
+    rows = [[r["defense"], r["queries_used"], f"{r['surrogate_accuracy']:.4f}", f"{r['fidelity']:.4f}",
+             f"{r['defender_accuracy']:.4f}", _num(r["defense_l1_mean"], ".4f")] for r in x["rows"]]
+    out += [_table(["defense", "queries", "surrogate accuracy", "fidelity", "defender accuracy", "defense L1 (attacker queries)"],
+                   rows, "lrrrrr"), ""]
+    return out
+
+
+def _bench_section(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    b = res["bench"]
+    m = b["machine"]
+    out += [f"## Latency ({m['processor']}, {m['cpus']} CPUs; warm-up excluded; speed-up relative to the first row)", ""]
+    rows = [[r["artifact"], r["backend"], r["batch"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['throughput']:.0f}",
+             f"{r['ratio_p50']:.2f}x"] for r in b["rows"]]
+    out += [_table(["artifact", "backend", "batch", "p50 ms", "p90 ms", "img/s", "speed-up"], rows, "llrrrrr"), ""]
+    return out
+
+
+def _serve_section(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    sv = res["serve"]
+    out += [f"## Served by Triton Inference Server ({sv['protocol']}, `{sv['url']}`): the same checks as on the file", ""]
+    rows = []
+    if "watermark_file" in sv:
+        for where in ("file", "server"):
+            w = sv[f"watermark_{where}"]
+            rows.append([f"watermark ({where})", f"{w['verdict']}: {w['matches']}/{w['n']}, p-value {w['p_value']:.3g}"])
+    for where in ("file", "server"):
+        k = sv[f"knockoff_{where}"]
+        srv = k.get("server") or {}
+        counted = f", Triton counted {srv['inference_rows']} rows" if srv.get("inference_rows") is not None else ""
+        rows.append([f"KnockoffNets ({where})", f"{k['queries_used']}/{k['budget']} queries{counted}; fidelity "
+                     f"{k['fidelity']:.4f}, surrogate accuracy {k['surrogate_accuracy']:.4f}"])
+    rows.append(["SIGTERM to exit", f"{sv['stop_seconds']:.2f} s"])
+    out += [_table(["check", "result"], rows), ""]
+    return out
 
 
 def _magicguard_section(mg: dict[str, Any]) -> list[str]:

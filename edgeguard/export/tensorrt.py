@@ -263,28 +263,10 @@ def _version(trt) -> tuple[int, int]:
         return (0, 0)
 
 
-def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | None = None) -> EngineResult:
-    """Build ``out`` (a ``.engine``/``.plan``) and ``out.json`` from an ONNX graph on this machine's GPU."""
-    cfg = cfg or EngineConfig()
-    onnx_path, out = Path(onnx_path), Path(out)
-    facts = inspect_onnx(onnx_path)
-    if out.suffix.lower() not in ENGINE_SUFFIXES:
-        raise BadInput(f"--out {out} must end in .engine or .plan (open_runner picks the backend from the suffix)")
-    if out.resolve() == onnx_path.resolve():
-        raise BadInput("--out must not be the ONNX file itself")
-    lo, opt, hi = resolve_profile(facts.batch_dim, cfg)
-    trt = trt_env.import_tensorrt("build a TensorRT engine")
-    env = trt_env.environment(trt)  # BackendUnavailable without a CUDA GPU
-    major = trt_env.trt_major(trt)
-    if cfg.fp16 and (_flag(trt, "FP16") is None or _version(trt) >= WEAK_TYPING_DEPRECATED):
-        raise BackendUnavailable(
-            f"TensorRT {trt.__version__} takes FP16 from the graph's types only (the weakly typed FP16/INT8 builder flags "
-            "and precision constraints are deprecated since 10.12 and removed in 11): build an FP16 engine from an "
-            "FP16 ONNX graph (ModelOpt AutoCast) without --fp16, or use TensorRT 10.3-10.11 (JetPack 6: 10.3)")
-
+def _parse(trt, onnx_path: Path, strongly_typed: bool, major: int):
+    """Builder, network and parser with the graph parsed (strongly typed unless FP16 flags are asked for)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    strongly_typed = not cfg.fp16
     st = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     net_flags = (1 << int(st)) if strongly_typed and major < 11 and st is not None else 0
     network = builder.create_network(net_flags)
@@ -293,7 +275,12 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | Non
         errors = [str(parser.get_error(i)).strip().splitlines()[0] for i in range(parser.num_errors)] or ["no detail"]
         raise BadInput(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[0][:300]}"
                        + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""))
+    return builder, network, parser  # the parser must outlive the build (it owns the weights)
 
+
+def _builder_config(trt, builder, network, cfg: EngineConfig, facts, strongly_typed: bool):
+    """The builder config (workspace, optimisation level, FP16 with FP32 pinning, TF32 off), the flags recorded in
+    the manifest, and the layers pinned to FP32."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_mib) << 20)
     if hasattr(config, "builder_optimization_level"):
@@ -320,23 +307,48 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | Non
     if tf32 is not None:
         config.clear_flag(tf32)
     flags["tf32"] = bool(config.get_flag(tf32)) if tf32 is not None else None
+    return config, flags, pinned
 
+
+def _load_timing_cache(config, cache_path: Path) -> str:
+    """Attach the timing cache at ``cache_path`` (created when absent, replaced when recorded elsewhere)."""
+    previous = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(previous)
+    if not config.set_timing_cache(cache, False):  # recorded on another GPU or TensorRT: start afresh
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+        return "the existing timing cache did not match this GPU/TensorRT and was replaced"
+    return "loaded" if previous else "created"
+
+
+def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineConfig | None = None) -> EngineResult:
+    """Build ``out`` (a ``.engine``/``.plan``) and ``out.json`` from an ONNX graph on this machine's GPU."""
+    cfg = cfg or EngineConfig()
+    onnx_path, out = Path(onnx_path), Path(out)
+    facts = inspect_onnx(onnx_path)
+    if out.suffix.lower() not in ENGINE_SUFFIXES:
+        raise BadInput(f"--out {out} must end in .engine or .plan (open_runner picks the backend from the suffix)")
+    if out.resolve() == onnx_path.resolve():
+        raise BadInput("--out must not be the ONNX file itself")
+    lo, opt, hi = resolve_profile(facts.batch_dim, cfg)
+    trt = trt_env.import_tensorrt("build a TensorRT engine")
+    env = trt_env.environment(trt)  # BackendUnavailable without a CUDA GPU
+    major = trt_env.trt_major(trt)
+    if cfg.fp16 and (_flag(trt, "FP16") is None or _version(trt) >= WEAK_TYPING_DEPRECATED):
+        raise BackendUnavailable(
+            f"TensorRT {trt.__version__} takes FP16 from the graph's types only (the weakly typed FP16/INT8 builder flags "
+            "and precision constraints are deprecated since 10.12 and removed in 11): build an FP16 engine from an "
+            "FP16 ONNX graph (ModelOpt AutoCast) without --fp16, or use TensorRT 10.3-10.11 (JetPack 6: 10.3)")
+
+    strongly_typed = not cfg.fp16
+    builder, network, parser = _parse(trt, onnx_path, strongly_typed, major)
+    config, flags, pinned = _builder_config(trt, builder, network, cfg, facts, strongly_typed)
     c, h, w = facts.chw
     profile = builder.create_optimization_profile()
     profile.set_shape(facts.input_name, (lo, c, h, w), (opt, c, h, w), (hi, c, h, w))
     config.add_optimization_profile(profile)
-
     cache_path = Path(cfg.timing_cache) if cfg.timing_cache else None
-    cache_note = None
-    if cache_path is not None:
-        previous = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(previous)
-        if not config.set_timing_cache(cache, False):  # recorded on another GPU or TensorRT: start afresh
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, False)
-            cache_note = "the existing timing cache did not match this GPU/TensorRT and was replaced"
-        else:
-            cache_note = "loaded" if previous else "created"
+    cache_note = _load_timing_cache(config, cache_path) if cache_path is not None else None
 
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
