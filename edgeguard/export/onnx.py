@@ -248,6 +248,64 @@ def _backbone_proto(bundle: Bundle, model: torch.nn.Module, cfg: ExportConfig):
                         lambda: to_onnx_proto(Deployed(model), bundle.spec.input_shape, cfg))
 
 
+def _self_check(proto, bundle: Bundle, model, defense, head_module, n: int):
+    """ONNX Runtime against PyTorch on ``n`` inputs: the fused head (unless random) and, for an FP32 backbone, the
+    whole graph's softmax.  Returns (max |Δprob|, top-1 agreement, head max |Δ|), None where not measured."""
+    diff = agree = head_diff = None
+    spec = bundle.spec
+    if n:
+        x = _check_inputs(spec.input_shape, n)
+        if not head_module.is_random():
+            head_parity, logits = head_check(proto, head_module, x)
+            head_diff = head_parity.max_abs_diff if defense.placement == "graph" else None
+            if not head_parity.passed:
+                raise CheckFailed(f"ONNX Runtime disagrees with PyTorch on the {defense.name} head "
+                                  f"({head_parity.off_rows:.1%} of rows beyond {HEAD_ATOL:g}, max |Δ| "
+                                  f"{head_parity.max_abs_diff:.2e}); nothing was written")
+        else:
+            _, logits = head_check(proto, NoDefense(None, spec.num_classes), x)
+        if model is not None:  # FP32 backbone: its softmax must match PyTorch as before
+            with torch.no_grad():
+                ref = torch.softmax(model(x), dim=1).numpy()
+            got = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+            atol = magicguard.parity_atol(bundle.manifest, PARITY_ATOL)
+            parity = parity_from(ref, got, atol=atol, a="pytorch", b="onnxruntime")
+            diff, agree = parity.max_abs_diff, parity.top1_agreement
+            if not parity.passed:  # NaN compares false, so a broken model fails here too
+                raise CheckFailed(
+                    f"ONNX Runtime disagrees with PyTorch on the exported graph (max |Δprob| {diff:.2e}, "
+                    f"top-1 agreement {agree:.4f}); nothing was written"
+                )
+    return diff, agree, head_diff
+
+
+def _write(out: Path, proto, bundle: Bundle, defense, record: dict, *, precision, quant, guard):
+    """Write the graph (and a host-side defense's state file, named by its hash, recorded in the graph first);
+    remove state files of earlier exports to ``out``.  Returns the final graph and the state file written."""
+    import onnx
+
+    written_sidecar: Path | None = None
+    existed = False
+    if defense.placement != "graph":
+        blob = _sidecar_bytes(defense, bundle)
+        digest = hashlib.sha256(blob).hexdigest()
+        written_sidecar = sidecar_path(out, digest)
+        existed = written_sidecar.exists()
+        atomic_write(written_sidecar, lambda t: t.write_bytes(blob))
+        record["sidecar"], record["sidecar_sha256"] = written_sidecar.name, digest
+        proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant, magicguard=guard)
+    try:
+        atomic_write(out, lambda t: onnx.save_model(proto, str(t)))
+    except BaseException:
+        if written_sidecar is not None and not existed:
+            written_sidecar.unlink(missing_ok=True)
+        raise
+    for stale in out.parent.glob(sidecar_glob(out)):  # state files of earlier exports to this path
+        if written_sidecar is None or stale.name != written_sidecar.name:
+            stale.unlink(missing_ok=True)
+    return proto, written_sidecar
+
+
 def export_onnx(
     source: Bundle | str | Path,
     out: str | Path,
@@ -300,50 +358,8 @@ def export_onnx(
     guard = magicguard.export_record(bundle.manifest, proto)  # FP32 guard nodes, no Q/DQ inside (else CheckFailed)
     proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant, magicguard=guard)
 
-    diff = agree = head_diff = None
-    n = cfg.check_samples
-    if n:
-        x = _check_inputs(spec.input_shape, n)
-        if not head_module.is_random():
-            head_parity, logits = head_check(proto, head_module, x)
-            head_diff = head_parity.max_abs_diff if defense.placement == "graph" else None
-            if not head_parity.passed:
-                raise CheckFailed(f"ONNX Runtime disagrees with PyTorch on the {defense.name} head "
-                                  f"({head_parity.off_rows:.1%} of rows beyond {HEAD_ATOL:g}, max |Δ| "
-                                  f"{head_parity.max_abs_diff:.2e}); nothing was written")
-        else:
-            _, logits = head_check(proto, NoDefense(None, spec.num_classes), x)
-        if model is not None:  # FP32 backbone: its softmax must match PyTorch as before
-            with torch.no_grad():
-                ref = torch.softmax(model(x), dim=1).numpy()
-            got = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-            atol = magicguard.parity_atol(bundle.manifest, PARITY_ATOL)
-            parity = parity_from(ref, got, atol=atol, a="pytorch", b="onnxruntime")
-            diff, agree = parity.max_abs_diff, parity.top1_agreement
-            if not parity.passed:  # NaN compares false, so a broken model fails here too
-                raise CheckFailed(
-                    f"ONNX Runtime disagrees with PyTorch on the exported graph (max |Δprob| {diff:.2e}, "
-                    f"top-1 agreement {agree:.4f}); nothing was written"
-                )
-    written_sidecar: Path | None = None
-    existed = False
-    if defense.placement != "graph":
-        blob = _sidecar_bytes(defense, bundle)
-        digest = hashlib.sha256(blob).hexdigest()
-        written_sidecar = sidecar_path(out, digest)
-        existed = written_sidecar.exists()
-        atomic_write(written_sidecar, lambda t: t.write_bytes(blob))
-        record["sidecar"], record["sidecar_sha256"] = written_sidecar.name, digest
-        proto = finalize_onnx(proto, bundle, precision=precision, defense=record, quantization=quant, magicguard=guard)
-    try:
-        atomic_write(out, lambda t: onnx.save_model(proto, str(t)))
-    except BaseException:
-        if written_sidecar is not None and not existed:
-            written_sidecar.unlink(missing_ok=True)
-        raise
-    for stale in out.parent.glob(sidecar_glob(out)):  # state files of earlier exports to this path
-        if written_sidecar is None or stale.name != written_sidecar.name:
-            stale.unlink(missing_ok=True)
+    diff, agree, head_diff = _self_check(proto, bundle, model, defense, head_module, cfg.check_samples)
+    proto, written_sidecar = _write(out, proto, bundle, defense, record, precision=precision, quant=quant, guard=guard)
     return ExportResult(
         path=str(out),
         sha256=sha256_file(out),
