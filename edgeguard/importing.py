@@ -94,6 +94,85 @@ def parse_classes(classes: int | Sequence[str] | str | Path | None, data_info) -
     return names
 
 
+def _source_module(source, weights, factory_args, input_shape, data_info, tmp: Path):
+    """The user's module from a program (``.pt2`` file, ExportedProgram, nn.Module) or a factory (+ state dict):
+    (module, source record, label, program file, input shape, weights report)."""
+    program_path = None
+    weights_report = None
+    if isinstance(source, (nn.Module, torch.export.ExportedProgram)) or str(source).endswith(".pt2"):
+        if isinstance(source, (str, Path)):
+            p = Path(source)
+            if not p.is_file():
+                raise BadInput(f"{p} does not exist")
+            blob, label = p.read_bytes(), str(p)
+        else:
+            shape_hint = input_shape or (tuple(data_info.input_shape) if data_info else None)
+            blob, label = _program_bytes(source, shape_hint), type(source).__name__
+        if weights is not None:
+            raise BadInput("an ExportedProgram carries its own weights; --weights applies to a factory")
+        module = load_program(blob, label)
+        program_path = tmp / "program.pt2"
+        program_path.write_bytes(blob)
+        rec: dict[str, Any] = {"kind": "program", "target": label, "sha256": sha256_bytes(blob)}
+        graph_shape = program_input_shape(module)
+        if input_shape is None and graph_shape is None and data_info is None:
+            raise BadInput(f"{label} has dynamic spatial dimensions: give --input-shape C,H,W")
+        if input_shape is not None and graph_shape is not None and tuple(input_shape) != graph_shape:
+            raise BadInput(f"--input-shape {tuple(input_shape)} disagrees with the program's input {graph_shape}")
+        input_shape = input_shape or graph_shape
+    elif str(source).endswith((".pt", ".pth", ".bin", ".pkl")):
+        raise BadInput(f"{source} is a saved PyTorch file, not a model source: a pickled whole model is refused "
+                       "(unpickling it would run code from the file); pass its factory with --weights "
+                       "STATE_DICT, or a torch.export .pt2")
+    else:
+        rec = factory_record(str(source), factory_args)
+        label = rec["target"]
+        module = call_factory(rec)
+        if weights is not None:
+            weights_report = fit_weights(module, read_weights(weights), str(weights))
+            rec["weights"] = {"file": Path(weights).name, "sha256": sha256_bytes(Path(weights).read_bytes())}
+    return module, rec, label, program_path, input_shape, weights_report
+
+
+def _io_contract(input_shape, classes, data_info, mean, std):
+    """Input shape (C, H, W), class names and per-channel normalisation, checked against each other and the dataset."""
+    if input_shape is None:
+        if data_info is None:
+            raise BadInput("give the model's input shape: --input-shape C,H,W (or --dataset)")
+        input_shape = tuple(data_info.input_shape)
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise BadInput(f"input shape must be C,H,W with positive sizes (got {input_shape})")
+    names = parse_classes(classes, data_info)
+    if data_info is not None:
+        if len(data_info.classes) != len(names):
+            raise BadInput(f"the model is given {len(names)} classes but dataset {data_info.name!r} has "
+                           f"{len(data_info.classes)}")
+        if tuple(data_info.input_shape) != shape:
+            raise BadInput(f"dataset {data_info.name!r} has images {tuple(data_info.input_shape)}, the model takes {shape}")
+    c = shape[0]
+    mean_t = tuple(float(v) for v in (mean if mean is not None else (0.0,) * c))
+    std_t = tuple(float(v) for v in (std if std is not None else (1.0,) * c))
+    if len(mean_t) != c or len(std_t) != c:
+        raise BadInput(f"--mean/--std need {c} values, one per input channel")
+    if min(std_t) <= 0:
+        raise BadInput("--std values must be positive")
+    return shape, names, mean_t, std_t
+
+
+def _check_rebuild(spec: ModelSpec, model: nn.Module, shape: tuple[int, ...]) -> None:
+    """What a later stage gets back from the bundle must compute what was imported (a factory whose architecture
+    depends on chance is refused)."""
+    rebuilt = spec.build()  # what a later stage will get back from the bundle
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        d = float((rebuilt.eval()(x) - model(x)).abs().max())
+    if not d <= REBUILD_ATOL:
+        raise CheckFailed(f"the model rebuilt from the recorded source differs from the imported one (max |Δ| "
+                          f"{d:.2e}); the factory is not deterministic in its architecture")
+
+
 def import_model(
     source: str | Path | nn.Module | Any,
     *,
@@ -118,59 +197,9 @@ def import_model(
     try:
         program_path = None
         weights_report = None
-        if isinstance(source, (nn.Module, torch.export.ExportedProgram)) or str(source).endswith(".pt2"):
-            if isinstance(source, (str, Path)):
-                p = Path(source)
-                if not p.is_file():
-                    raise BadInput(f"{p} does not exist")
-                blob, label = p.read_bytes(), str(p)
-            else:
-                shape_hint = input_shape or (tuple(data_info.input_shape) if data_info else None)
-                blob, label = _program_bytes(source, shape_hint), type(source).__name__
-            if weights is not None:
-                raise BadInput("an ExportedProgram carries its own weights; --weights applies to a factory")
-            module = load_program(blob, label)
-            program_path = Path(tmp.name) / "program.pt2"
-            program_path.write_bytes(blob)
-            rec: dict[str, Any] = {"kind": "program", "target": label, "sha256": sha256_bytes(blob)}
-            graph_shape = program_input_shape(module)
-            if input_shape is None and graph_shape is None and data_info is None:
-                raise BadInput(f"{label} has dynamic spatial dimensions: give --input-shape C,H,W")
-            if input_shape is not None and graph_shape is not None and tuple(input_shape) != graph_shape:
-                raise BadInput(f"--input-shape {tuple(input_shape)} disagrees with the program's input {graph_shape}")
-            input_shape = input_shape or graph_shape
-        elif str(source).endswith((".pt", ".pth", ".bin", ".pkl")):
-            raise BadInput(f"{source} is a saved PyTorch file, not a model source: a pickled whole model is refused "
-                           "(unpickling it would run code from the file); pass its factory with --weights "
-                           "STATE_DICT, or a torch.export .pt2")
-        else:
-            rec = factory_record(str(source), factory_args)
-            label = rec["target"]
-            module = call_factory(rec)
-            if weights is not None:
-                weights_report = fit_weights(module, read_weights(weights), str(weights))
-                rec["weights"] = {"file": Path(weights).name, "sha256": sha256_bytes(Path(weights).read_bytes())}
-        if input_shape is None:
-            if data_info is None:
-                raise BadInput("give the model's input shape: --input-shape C,H,W (or --dataset)")
-            input_shape = tuple(data_info.input_shape)
-        shape = tuple(int(d) for d in input_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise BadInput(f"input shape must be C,H,W with positive sizes (got {input_shape})")
-        names = parse_classes(classes, data_info)
-        if data_info is not None:
-            if len(data_info.classes) != len(names):
-                raise BadInput(f"the model is given {len(names)} classes but dataset {data_info.name!r} has "
-                               f"{len(data_info.classes)}")
-            if tuple(data_info.input_shape) != shape:
-                raise BadInput(f"dataset {data_info.name!r} has images {tuple(data_info.input_shape)}, the model takes {shape}")
-        c = shape[0]
-        mean_t = tuple(float(v) for v in (mean if mean is not None else (0.0,) * c))
-        std_t = tuple(float(v) for v in (std if std is not None else (1.0,) * c))
-        if len(mean_t) != c or len(std_t) != c:
-            raise BadInput(f"--mean/--std need {c} values, one per input channel")
-        if min(std_t) <= 0:
-            raise BadInput("--std values must be positive")
+        module, rec, label, program_path, input_shape, weights_report = _source_module(
+            source, weights, factory_args, input_shape, data_info, Path(tmp.name))
+        shape, names, mean_t, std_t = _io_contract(input_shape, classes, data_info, mean, std)
         if rec["kind"] == "factory":
             module.eval()  # an exported program is fixed in the mode it was exported in
         head_path = find_head(module, len(names), head)
@@ -181,14 +210,7 @@ def import_model(
         model = EdgeModel(net, mean_t, std_t, head_path=f"net.module.{head_path}").eval()
         spec = ModelSpec(ARCH, len(names), names, shape, mean_t, std_t, {}, source=rec,
                          program_path=str(program_path) if program_path else None)
-        rebuilt = spec.build()  # what a later stage will get back from the bundle
-        rebuilt.load_state_dict(model.state_dict(), strict=True)
-        x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            d = float((rebuilt.eval()(x) - model(x)).abs().max())
-        if not d <= REBUILD_ATOL:
-            raise CheckFailed(f"the model rebuilt from the recorded source differs from the imported one (max |Δ| "
-                              f"{d:.2e}); the factory is not deterministic in its architecture")
+        _check_rebuild(spec, model, shape)
         stage = stage_record("import", None, source=label, kind=rec["kind"], head=head_path,
                              head_is_last=found["head_is_last"], outputs=found["outputs"], weights=weights_report,
                              data=data.to_dict() if data is not None else None, parameters=count_parameters(module))
