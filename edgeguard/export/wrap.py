@@ -284,6 +284,61 @@ def wrapped_original(proto) -> dict[str, Any]:
             "nodes_sha256_now": nodes, "initializers_sha256_now": inits}
 
 
+def _probe(original_bytes: bytes, input_name: str, source: Path, cfg: WrapConfig, chw, k: int):
+    """Run the original on ``check_samples`` random [0, 1] images: (images, its scores, outputs used, outputs
+    detected, notes)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.rand(cfg.check_samples, *chw, generator=g)
+    (y,) = _run(original_bytes, {input_name: _preprocess(x.numpy(), cfg.mean, cfg.std, cfg.layout)}, str(source))
+    if y.shape != (len(x), k):
+        raise BadInput(f"{source} returned shape {tuple(y.shape)} for {len(x)} images, not ({len(x)}, {k})")
+    if not np.isfinite(y).all():
+        row = int(np.flatnonzero(~np.isfinite(y).all(1))[0])
+        raise BadInput(f"{source} returns non-finite scores on [0, 1] images (row {row} of the probe)")
+    detected, why = probe_outputs(y)
+    outputs = detected if cfg.outputs == "auto" else cfg.outputs
+    notes = [f"outputs: {detected} detected ({why})" + ("" if cfg.outputs == "auto" else f"; --outputs {outputs}")]
+    if outputs == "probabilities" and detected == "logits":
+        raise BadInput(f"--outputs probabilities, but {source} does not return distributions: {why}")
+    if not cfg.mean and not cfg.std:
+        notes.append("normalisation: none given, the graph receives [0, 1] images as they are")
+    return x, y, outputs, detected, notes
+
+
+def _wrap_defense(defense, k: int, chw, clean_predict):
+    """The defense to fuse: none, a built one, or one built now from the wrapped graph's clean outputs."""
+    if defense is None:
+        defense = NoDefense(None, k)
+    elif callable(defense) and not isinstance(defense, torch.nn.Module):
+        defense = defense(k, chw, clean_predict)
+    if defense.num_classes != k:
+        raise BadInput(f"the {defense.name} defense was built for {defense.num_classes} classes, the graph has {k}")
+    if defense.placement != "graph":
+        raise BadInput(f"the {defense.name} defense runs on the host next to a bundle's model; a wrapped third-party "
+                       f"graph takes fused defenses only (import the model as a bundle for host-side ones)")
+    return defense
+
+
+def _wrap_metadata(source: Path, proto, cfg: WrapConfig, inp, outp, outputs, detected, node_range, init_range, chw,
+                   k: int, precision: str, defense, logits: str, ops):
+    """The ``wrapped`` record (what proves the original is inside, untouched) and the graph's edgeguard metadata."""
+    wrapped = {
+        "sha256": sha256_file(source), "file": source.name, "outputs": outputs, "detected": detected,
+        "layout": cfg.layout, "input": inp.name, "output": outp.name,
+        "node_range": list(node_range), "initializer_range": list(init_range),
+        "nodes_sha256": _digest(proto.graph.node), "initializers_sha256": _digest(proto.graph.initializer),
+    }
+    classes = list(cfg.classes) or [str(i) for i in range(k)]
+    meta = {
+        "version": __version__, "arch": f"onnx:{source.stem}", "classes": classes, "input_shape": list(chw),
+        "normalization": {"mean": list(cfg.mean or [0.0] * chw[0]), "std": list(cfg.std or [1.0] * chw[0]),
+                          "in_graph": True},
+        "precision": precision, "defense": {**defense.describe(), "logits": logits, "head_ops": ops},
+        "output": "probabilities", "source_sha256": wrapped["sha256"], "stages": ["wrap"], "wrapped": wrapped,
+    }
+    return wrapped, meta
+
+
 def wrap_onnx(source: str | Path, out: str | Path, cfg: WrapConfig | None = None, *, defense=None,
               defense_context=None) -> WrapResult:
     """Wrap the third-party ONNX ``source`` into ``out``: raw [0, 1] images in, probabilities out, ``defense`` (a built
@@ -303,36 +358,14 @@ def wrap_onnx(source: str | Path, out: str | Path, cfg: WrapConfig | None = None
         raise BadInput(f"{source} uses opset {opset}; edgeguard wraps opset 13 or newer (onnx.version_converter "
                        f"can upgrade it, which rewrites its nodes)")
     original_bytes = proto.SerializeToString()
-    g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.rand(cfg.check_samples, *chw, generator=g)
-    (y,) = _run(original_bytes, {inp.name: _preprocess(x.numpy(), cfg.mean, cfg.std, cfg.layout)}, str(source))
-    if y.shape != (len(x), k):
-        raise BadInput(f"{source} returned shape {tuple(y.shape)} for {len(x)} images, not ({len(x)}, {k})")
-    if not np.isfinite(y).all():
-        row = int(np.flatnonzero(~np.isfinite(y).all(1))[0])
-        raise BadInput(f"{source} returns non-finite scores on [0, 1] images (row {row} of the probe)")
-    detected, why = probe_outputs(y)
-    outputs = detected if cfg.outputs == "auto" else cfg.outputs
-    notes = [f"outputs: {detected} detected ({why})" + ("" if cfg.outputs == "auto" else f"; --outputs {outputs}")]
-    if outputs == "probabilities" and detected == "logits":
-        raise BadInput(f"--outputs probabilities, but {source} does not return distributions: {why}")
-    if not cfg.mean and not cfg.std:
-        notes.append("normalisation: none given, the graph receives [0, 1] images as they are")
+    x, y, outputs, detected, notes = _probe(original_bytes, inp.name, source, cfg, chw, k)
     backbone, raw, logits, node_range, init_range = _adapted(proto, inp, outp, chw, cfg, outputs)
 
     def clean_predict(images: torch.Tensor) -> np.ndarray:
         (z,) = _run(backbone.SerializeToString(), {raw: images.numpy().astype(np.float32)}, "the wrapped graph")
         return torch.softmax(torch.from_numpy(z), 1).numpy()
 
-    if defense is None:
-        defense = NoDefense(None, k)
-    elif callable(defense) and not isinstance(defense, torch.nn.Module):
-        defense = defense(k, chw, clean_predict)
-    if defense.num_classes != k:
-        raise BadInput(f"the {defense.name} defense was built for {defense.num_classes} classes, the graph has {k}")
-    if defense.placement != "graph":
-        raise BadInput(f"the {defense.name} defense runs on the host next to a bundle's model; a wrapped third-party "
-                       f"graph takes fused defenses only (import the model as a bundle for host-side ones)")
+    defense = _wrap_defense(defense, k, chw, clean_predict)
     taken = {t for n in backbone.graph.node for t in (*n.input, *n.output)} | {i.name for i in backbone.graph.initializer}
     renamed = {OUTPUT_NAME: _fresh(OUTPUT_NAME, set(taken)), FLAG_OUTPUT: _fresh(FLAG_OUTPUT, set(taken))}
     head = head_proto(defense, chw, opset, cfg.max_batch)
@@ -343,20 +376,8 @@ def wrap_onnx(source: str | Path, out: str | Path, cfg: WrapConfig | None = None
         precision = "fp32"
     network_ops = frozenset(n.op_type for n in backbone.graph.node) if defense.needs_input else frozenset()
     ops = check_head(merged, allow_random=defense.is_random(), network_ops=network_ops)
-    wrapped = {
-        "sha256": sha256_file(source), "file": source.name, "outputs": outputs, "detected": detected,
-        "layout": cfg.layout, "input": inp.name, "output": outp.name,
-        "node_range": list(node_range), "initializer_range": list(init_range),
-        "nodes_sha256": _digest(proto.graph.node), "initializers_sha256": _digest(proto.graph.initializer),
-    }
-    classes = list(cfg.classes) or [str(i) for i in range(k)]
-    meta = {
-        "version": __version__, "arch": f"onnx:{source.stem}", "classes": classes, "input_shape": list(chw),
-        "normalization": {"mean": list(cfg.mean or [0.0] * chw[0]), "std": list(cfg.std or [1.0] * chw[0]),
-                          "in_graph": True},
-        "precision": precision, "defense": {**defense.describe(), "logits": logits, "head_ops": ops},
-        "output": "probabilities", "source_sha256": wrapped["sha256"], "stages": ["wrap"], "wrapped": wrapped,
-    }
+    wrapped, meta = _wrap_metadata(source, proto, cfg, inp, outp, outputs, detected, node_range, init_range, chw, k,
+                                   precision, defense, logits, ops)
     merged = stamp(merged, meta, f"edgeguard {__version__} wrap of {source.name} ({k} classes, {precision}, "
                                  f"original nodes and initializers unchanged)")
     check = wrapped_original(merged)
