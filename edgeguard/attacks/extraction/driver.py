@@ -94,6 +94,56 @@ def _accuracy_only(surrogate, test) -> float:
     return float((s == y.numpy()).mean())
 
 
+def _pool_and_norm(cfg: ExtractionConfig, method: str, info):
+    """The attacker's query pool (None for data-free methods) and the surrogate's input normalisation, from the
+    pool's own statistics (the attacker knows its data, not the victim's)."""
+    pool = _pool(cfg, info.input_shape) if ATTACKS.entry(method).meta.get("needs_pool", True) else None
+    if pool is not None:
+        x0 = pool.tensors(0, min(len(pool), 2048))[0]
+        mean = tuple(float(v) for v in x0.mean(dim=(0, 2, 3)))
+        std = tuple(max(float(v), 1e-3) for v in x0.std(dim=(0, 2, 3)))
+    else:
+        mean, std = (0.5,) * info.input_shape[0], (0.5,) * info.input_shape[0]
+
+    return pool, mean, std
+
+
+def _evaluate(victim, surrogate, test, before, remote: bool, artifact, reference):
+    """(surrogate accuracy, fidelity, defender accuracy, server counters).  A served victim is compared through
+    ``reference`` (the local file it serves), else only the surrogate's accuracy is measured."""
+    info, server = victim.info, None
+    if remote:
+        after = victim.server_statistics()
+        rows = None if before is None or after is None else after["inference_count"] - before["inference_count"]
+        server = {"inference_rows": rows, "rows_sent": victim.rows_sent, "requests": victim.requests,
+                  "retried": victim.retried, "reference": str(reference) if reference is not None else None}
+        if reference is None:
+            acc, fid, defender = _accuracy_only(surrogate, test), None, None
+        else:
+            with open_runner(reference) as ref:
+                if info.sha256 and ref.info.sha256 != info.sha256:
+                    raise BadInput(f"--reference {reference} is not the artifact {artifact} serves (sha256 "
+                                   f"{ref.info.sha256[:12]} vs {info.sha256[:12]})")
+                acc, fid, defender = _accuracy_and_fidelity(surrogate, ref, test)
+    else:
+        acc, fid, defender = _accuracy_and_fidelity(surrogate, victim, test)
+    return acc, fid, defender, server
+
+
+def _save_surrogate(out, surrogate, result: ExtractionResult, cfg: ExtractionConfig, method: str, info, mean, std,
+                    queries: int) -> ExtractionResult:
+    """Write the surrogate as a bundle (with the attack's record as attack.json)."""
+    import json
+
+    spec = ModelSpec(cfg.surrogate, info.num_classes, tuple(info.classes), tuple(info.input_shape), mean, std,
+                     dict(cfg.surrogate_options))
+    stage = stage_record("attack_extract", cfg, method=method, victim_sha256=info.sha256, queries=queries)
+    record = json.dumps(result.to_json(), indent=2).encode()
+    bundle = save_bundle(out, surrogate, spec, stages=[stage], dataset=cfg.query_set,
+                         extra_files={"attack.json": lambda t: t.write_bytes(record)})
+    return dataclasses.replace(result, surrogate_bundle=str(bundle.path))
+
+
 def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: ExtractionConfig | None = None, *,
             eval_data: DataConfig | None = None, reference: str | Path | None = None,
             quiet: bool | None = None) -> ExtractionResult:
@@ -124,13 +174,7 @@ def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: Extr
         if tuple(test.info.input_shape) != tuple(info.input_shape) or test.num_classes != info.num_classes:
             raise BadInput(f"the evaluation set {test.info.name!r} ({test.num_classes} classes, {test.info.input_shape}) "
                            f"does not fit the victim ({info.num_classes} classes, {tuple(info.input_shape)})")
-        pool = _pool(cfg, info.input_shape) if ATTACKS.entry(method).meta.get("needs_pool", True) else None
-        if pool is not None:
-            x0 = pool.tensors(0, min(len(pool), 2048))[0]
-            mean = tuple(float(v) for v in x0.mean(dim=(0, 2, 3)))
-            std = tuple(max(float(v), 1e-3) for v in x0.std(dim=(0, 2, 3)))
-        else:
-            mean, std = (0.5,) * info.input_shape[0], (0.5,) * info.input_shape[0]
+        pool, mean, std = _pool_and_norm(cfg, method, info)
 
         def make_surrogate():
             return create_model(cfg.surrogate, num_classes=info.num_classes, in_channels=info.input_shape[0], mean=mean,
@@ -150,22 +194,8 @@ def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: Extr
                 clean.close()
         if oracle.used > cfg.budget:  # the oracle refuses first; this guards against a bypass
             raise CheckFailed(f"{method} used {oracle.used} queries with a budget of {cfg.budget}")
-        server = None
-        if remote:
-            after = victim.server_statistics()
-            rows = None if before is None or after is None else after["inference_count"] - before["inference_count"]
-            server = {"inference_rows": rows, "rows_sent": victim.rows_sent, "requests": victim.requests,
-                      "retried": victim.retried, "reference": str(reference) if reference is not None else None}
-            if reference is None:
-                acc, fid, defender = _accuracy_only(surrogate, test), None, None
-            else:
-                with open_runner(reference) as ref:
-                    if info.sha256 and ref.info.sha256 != info.sha256:
-                        raise BadInput(f"--reference {reference} is not the artifact {artifact} serves (sha256 "
-                                       f"{ref.info.sha256[:12]} vs {info.sha256[:12]})")
-                    acc, fid, defender = _accuracy_and_fidelity(surrogate, ref, test)
-        else:
-            acc, fid, defender = _accuracy_and_fidelity(surrogate, victim, test)
+        acc, fid, defender, server = _evaluate(victim, surrogate, test, before if remote else None, remote,
+                                               artifact, reference)
     t_end = time.perf_counter()
     timings = {"setup": t_attack - t0, "queries": oracle.seconds, "attack": t_eval - t_attack - oracle.seconds,
                "evaluation": t_end - t_eval}
@@ -178,14 +208,6 @@ def extract(artifact: str | Path, out: str | Path | None, method: str, cfg: Extr
                               details=dict(ctx.log) or None, timings={k: round(v, 3) for k, v in timings.items()})
     if out is None:
         return result
-    import json
-
-    spec = ModelSpec(cfg.surrogate, info.num_classes, tuple(info.classes), tuple(info.input_shape), mean, std,
-                     dict(cfg.surrogate_options))
-    stage = stage_record("attack_extract", cfg, method=method, victim_sha256=info.sha256, queries=oracle.used)
-    record = json.dumps(result.to_json(), indent=2).encode()
-    bundle = save_bundle(out, surrogate, spec, stages=[stage], dataset=cfg.query_set,
-                         extra_files={"attack.json": lambda t: t.write_bytes(record)})
-    return dataclasses.replace(result, surrogate_bundle=str(bundle.path))
+    return _save_surrogate(out, surrogate, result, cfg, method, info, mean, std, oracle.used)
 
 
