@@ -161,6 +161,34 @@ def _log_tail(path: Path, n: int = 400) -> str:
     return (errors or lines or [""])[-1][-n:]
 
 
+def _bind(cfg: ServeConfig, runners, public: dict[str, Any], log_path: Path, counters: dict[str, int], lock):
+    """A PyTriton server for ``runners`` (one per instance) with the model bound and edgeguard's public info in its
+    config; not started.  Returns it and its security config (the generated access token)."""
+    DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig = _pytriton()
+    info = runners[0].info
+    os.environ.update(server_env())  # PyTriton passes this process's environment to tritonserver
+    logging.getLogger("pytriton").setLevel(logging.WARNING)
+    tconf = TritonConfig(http_address=cfg.host, grpc_address=cfg.host, metrics_address=cfg.host,
+                         http_port=cfg.http_port, grpc_port=cfg.grpc_port, metrics_port=cfg.metrics_port,
+                         exit_timeout_secs=cfg.exit_timeout_s, strict_readiness=True, log_verbose=0,
+                         log_file=log_path)
+    _quiet_resource_tracker()
+    security = TritonSecurityConfig()  # PyTriton's default: statistics & co. behind a generated token
+    triton = Triton(config=tconf, security_config=security)
+    infer = [_Batches(r, counters, lock) for r in runners]
+    triton.bind(
+        model_name=cfg.name,
+        infer_func=infer if len(infer) > 1 else infer[0],
+        inputs=[Tensor(name=INPUT, dtype=np.float32, shape=tuple(int(d) for d in info.input_shape))],
+        outputs=[Tensor(name=OUTPUT, dtype=np.float32, shape=(info.num_classes,))],
+        config=ModelConfig(max_batch_size=cfg.max_batch,
+                           batcher=DynamicBatcher(max_queue_delay_microseconds=cfg.max_queue_delay_us)),
+        strict=True,
+    )
+    _publish(triton, cfg.name, public)
+    return triton, security
+
+
 def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str | None = None,
           ready: Callable[[dict[str, Any]], None] | None = None, stop: threading.Event | None = None,
           token_file: str | Path | None = None, log_file: str | Path | None = None) -> ServeResult:
@@ -171,7 +199,7 @@ def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str |
     cfg = cfg or ServeConfig()
     if is_remote(artifact):
         raise BadInput(f"serve takes a local artifact (bundle, .onnx, .engine), not a URL: {artifact}")
-    DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig = _pytriton()
+    _pytriton()  # BackendUnavailable before any port or runner is taken
     check_ports(cfg)
     runners = [open_runner(artifact, device=device, batch_size=cfg.max_batch) for _ in range(cfg.instances)]
     stop = stop or threading.Event()
@@ -188,26 +216,7 @@ def serve(artifact: str | Path, cfg: ServeConfig | None = None, *, device: str |
         public = public_info(runners[0])
         if any(d is None for d in info.input_shape):
             raise BadInput(f"{artifact} has a dynamic input shape {info.input_shape}; serve needs fixed C x H x W")
-        os.environ.update(server_env())  # PyTriton passes this process's environment to tritonserver
-        logging.getLogger("pytriton").setLevel(logging.WARNING)
-        tconf = TritonConfig(http_address=cfg.host, grpc_address=cfg.host, metrics_address=cfg.host,
-                             http_port=cfg.http_port, grpc_port=cfg.grpc_port, metrics_port=cfg.metrics_port,
-                             exit_timeout_secs=cfg.exit_timeout_s, strict_readiness=True, log_verbose=0,
-                             log_file=log_path)
-        _quiet_resource_tracker()
-        security = TritonSecurityConfig()  # PyTriton's default: statistics & co. behind a generated token
-        triton = Triton(config=tconf, security_config=security)
-        infer = [_Batches(r, counters, lock) for r in runners]
-        triton.bind(
-            model_name=cfg.name,
-            infer_func=infer if len(infer) > 1 else infer[0],
-            inputs=[Tensor(name=INPUT, dtype=np.float32, shape=tuple(int(d) for d in info.input_shape))],
-            outputs=[Tensor(name=OUTPUT, dtype=np.float32, shape=(info.num_classes,))],
-            config=ModelConfig(max_batch_size=cfg.max_batch,
-                               batcher=DynamicBatcher(max_queue_delay_microseconds=cfg.max_queue_delay_us)),
-            strict=True,
-        )
-        _publish(triton, cfg.name, public)
+        triton, security = _bind(cfg, runners, public, log_path, counters, lock)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, lambda s, _f: (stopped_by.__setitem__(0, signal.Signals(s).name),

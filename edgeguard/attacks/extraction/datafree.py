@@ -250,15 +250,17 @@ class Plan:
         return self.generator_steps * self.gen_cost + self.total_student_steps * self.batch
 
 
+def _generator_optimizer(gen: nn.Module, cfg: DataFreeConfig) -> torch.optim.Optimizer:
+    if cfg.gen_optimizer == "adam":
+        return torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
+    return torch.optim.SGD(gen.parameters(), lr=cfg.gen_lr, momentum=cfg.gen_momentum, weight_decay=cfg.gen_weight_decay)
+
+
 def _run(oracle: QueryOracle, cfg: DataFreeConfig, ctx: ExtractionContext, desc: str) -> nn.Module:
     c, h, w = ctx.input_shape
     gen = GeneratorA((c, h, w), nz=cfg.nz, ngf=cfg.gen_width)
     student = ctx.make_surrogate()
-    if cfg.gen_optimizer == "adam":
-        opt_g: torch.optim.Optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
-    else:
-        opt_g = torch.optim.SGD(gen.parameters(), lr=cfg.gen_lr, momentum=cfg.gen_momentum,
-                                weight_decay=cfg.gen_weight_decay)
+    opt_g = _generator_optimizer(gen, cfg)
     plan = Plan.of(oracle.remaining, cfg.gen_batch, cfg.zo_m, cfg.student_steps)
     if plan.total_student_steps == 0:
         raise BadInput(f"{oracle.remaining} queries left cannot pay for one student batch of {cfg.gen_batch}")
@@ -318,19 +320,12 @@ def _run(oracle: QueryOracle, cfg: DataFreeConfig, ctx: ExtractionContext, desc:
         step=step, desc=desc, quiet=ctx.quiet)
     if current:
         it_losses.append(sum(current) / len(current))
-    ctx.log.update({
-        "loss": cfg.loss,
-        "zo_m": cfg.zo_m,
-        "iterations": plan.iterations,
-        "generator_steps": plan.generator_steps,
-        "student_steps": plan.total_student_steps,
-        "queries_probes": spent["probes"],
-        "queries_student": spent["student"],
-        "queries_unused": oracle.remaining,
-        "student_loss_best": round(min(it_losses), 6),
-        "student_loss_final": round(it_losses[-1], 6),
-        "generator_disagreement_final": round(gen_losses[-1], 6) if gen_losses else None,
-    })
+    ctx.log.update({"loss": cfg.loss, "zo_m": cfg.zo_m, "iterations": plan.iterations,
+                    "generator_steps": plan.generator_steps, "student_steps": plan.total_student_steps,
+                    "queries_probes": spent["probes"], "queries_student": spent["student"],
+                    "queries_unused": oracle.remaining, "student_loss_best": round(min(it_losses), 6),
+                    "student_loss_final": round(it_losses[-1], 6),
+                    "generator_disagreement_final": round(gen_losses[-1], 6) if gen_losses else None})
     return student.eval()
 
 
