@@ -1,4 +1,4 @@
-"""The binomial decision rule of watermark verification (spec W4)."""
+"""The binomial decision rule of watermark verification (docs/watermark.md)."""
 
 from __future__ import annotations
 

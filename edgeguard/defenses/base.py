@@ -150,7 +150,7 @@ TOP1_MARGIN = 1e-4
 
 
 def preserve_top1(p: torch.Tensor, q: torch.Tensor, margin: float = TOP1_MARGIN) -> torch.Tensor:
-    """Top-1 guard (extraction-defenses spec 2.4): swap q's top entry back onto p's class, then add a margin.
+    """Top-1 guard (docs/defenses.md): swap q's top entry back onto p's class, then add a margin.
 
     ``q' = q + (max q - q_k0)(e_k0 - e_k1)``; ``q'' = (q' + margin e_k0) / (1 + margin)``.  A no-op on rows
     whose argmax is already kept, apart from the margin.  Keeps q on the simplex when q is on it.

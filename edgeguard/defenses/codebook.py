@@ -13,7 +13,7 @@ from edgeguard.errors import BadInput
 # The offline cover aims at ``epsilon - COVER_MARGIN`` so that float32 rounding at run time never flags a
 # training output that the float64 build covered.
 COVER_MARGIN = 1e-5
-KMEANS_TOL = 1e-3  # stop k-means when no centroid moves more than this (L2), spec 3.3
+KMEANS_TOL = 1e-3  # stop k-means when no centroid moves more than this (L2), docs/defenses.md
 KMEANS_MAX_ITER = 100
 _BIG = 8.0  # larger than any L1 distance between probability vectors (<= 2)
 
@@ -126,7 +126,7 @@ class _L1KMeans:
 
 
 def _cover_class(x: np.ndarray, eps: float, max_codewords: int) -> np.ndarray:
-    """Greedy eps-cover of one class's outputs (spec 3.3): the centroids, in creation order.
+    """Greedy eps-cover of one class's outputs (docs/defenses.md): the centroids, in creation order.
 
     Stops early, leaving points farther than ``eps``, when ``max_codewords`` centroids are not enough.
     """

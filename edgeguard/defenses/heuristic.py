@@ -1,11 +1,11 @@
 """``heuristic``: the output-perturbation defense of Khaled et al., ICMLA 2023 ("DCP" in their code).
 
-Per query (extraction-defenses spec 2.1): ``p = softmax(z)``, ``m = max p``, gate ``a = σ(ν(β - m))``,
+Per query (docs/defenses.md): ``p = softmax(z)``, ``m = max p``, gate ``a = σ(ν(β - m))``,
 ``u = p - a·β(σ(γℓ(p)) - 1/2)``, ``q = u / Σu``.  Confident answers (``m ≥ β + 0.02``) come back unchanged; the
 low-confidence region that out-of-distribution transfer sets populate is flattened.  No auxiliary model, no
 randomness, no state: one softmax and a dozen element-wise ops, fused into the exported graph.
 
-edgeguard defaults (spec 2.4, choices): β=0.7, γ=0.2 (0.1 for 100 or more classes), ν=1000, reference mode,
+edgeguard defaults (docs/defenses.md): β=0.7, γ=0.2 (0.1 for 100 or more classes), ν=1000, reference mode,
 and the top-1 guard on (the argmax of the undefended model is always kept, margin 1e-4);
 ``top1_guard=false`` reproduces the released code exactly.
 """

@@ -189,7 +189,7 @@ def mad_objective(ytilde: torch.Tensor, y: torch.Tensor, G: torch.Tensor) -> tor
 
 
 def mad_objective_closed_form(ytilde: torch.Tensor, y: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
-    """The K-dimensional form (modelguard spec 4): ``||a/||a|| - b/||b|| ||^2``, ``a = p_s Σỹ - ỹ``, ``b = p_s Σy - y``."""
+    """The K-dimensional form (docs/defenses.md): ``||a/||a|| - b/||b|| ||^2``, ``a = p_s Σỹ - ỹ``, ``b = p_s Σy - y``."""
     a = p_s * ytilde.sum(-1, keepdim=True) - ytilde
     b = p_s * y.sum(-1, keepdim=True) - y
     a = a / a.norm(dim=-1, keepdim=True).clamp_min(_TINY)

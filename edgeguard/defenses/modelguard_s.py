@@ -4,15 +4,15 @@ ModelGuard ("Information-Theoretic Defense Against Model Extraction Attacks") bo
 learn from the answers by answering from a small set of probability vectors.  Every class ``c`` owns an
 ordered codebook ``C_c`` of vectors whose argmax is ``c``; a query ``p = softmax(z)`` of class
 ``c = argmax p`` is answered with a codeword of ``C_c`` within L1 distance ``epsilon`` of ``p``
-(modelguard spec 3.1).  Consequences: top-1 is always kept, the L1 distortion is at most ``epsilon`` for a
+(docs/defenses.md).  Consequences: top-1 is always kept, the L1 distortion is at most ``epsilon`` for a
 covered query, and every answer is one of finitely many vectors.
 
 Two placements (``online``):
 
 - ``online=False`` (default): a *frozen* codebook, built offline from the deployed model's own outputs
-  on (a seeded subset of) the owner's training images by the greedy eps-cover of spec 3.3 (k-means with
+  on (a seeded subset of) the owner's training images by a greedy eps-cover (docs/defenses.md; k-means with
   L1 assignment and mean update, then the farthest point becomes a new centroid while any point is farther
-  than ``epsilon``).  The lookup of spec 9.1 is branch-free torch (Softmax, ArgMax, Gather, Abs, ReduceSum,
+  than ``epsilon``).  The lookup is branch-free torch (Softmax, ArgMax, Gather, Abs, ReduceSum,
   LessOrEqual, Where, ArgMin, GatherElements), so it is fused into the exported graph.  A query with no
   codeword within ``epsilon`` (a *miss*) gets the nearest codeword of its own class, which keeps top-1 but
   may break the eps bound (the official code's ``frozen`` behaviour); a class without any codeword gets
@@ -65,7 +65,7 @@ class ModelGuardSConfig(Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.assign is None:  # online answers stay consistent only with first fit (spec 3.2)
+        if self.assign is None:  # online answers stay consistent only with first fit (docs/defenses.md)
             object.__setattr__(self, "assign", "first" if self.online else "nearest")
         require(0 <= self.seed < 2**31, f"modelguard_s seed must lie in [0, 2^31) (got {self.seed})")
         require(0.0 < self.epsilon <= 2.0,

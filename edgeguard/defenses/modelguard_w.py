@@ -3,7 +3,7 @@
 ModelGuard-W answers each query with the vector, within an L1 budget of the true probabilities, that makes a
 "weak" extraction attacker (one that trains on the answers as they come) learn the most wrong thing:
 with ``y = softmax(z)``, ``k* = argmax y`` and ``c_j = log(y_j + 1e-6)`` it solves the linear program
-(modelguard spec 2.1)::
+(docs/defenses.md)::
 
     minimise   sum_j c_j y'_j                      (= maximise the cross-entropy H(y', y))
     subject to sum_j y'_j = 1,  0 <= y'_j <= 1,
@@ -15,7 +15,7 @@ Two solvers give the same optimum (the LP is often degenerate: the objective agr
 - ``solver="sort"`` (default): an exact solver without an LP library, written in torch (:func:`solve_sort`),
   vectorised over the batch, float32 or float64.  For a fixed top value ``t = y'_k*`` the optimum has a closed
   form (forced cuts to ``t - margin``, then mass moved from the most to the least probable non-top classes,
-  spec 2.4); its value ``f(t)`` is convex and piecewise linear in ``t``, so ``t`` is found by a
+  docs/defenses.md); its value ``f(t)`` is convex and piecewise linear in ``t``, so ``t`` is found by a
   ``grid``-point search over ``[max(0, y_k* - eps), min(1, y_k* + eps)]`` followed by ``refinements``
   re-gridding rounds, steered by the sign of the exact right slope ``f'(t+)`` (carried along in forward mode)
   rather than by comparing values of ``f``: float32 runtimes then agree on the chosen ``t`` even where ``f`` is

@@ -3,7 +3,7 @@
 ``q ∝ p - a·β·(σ(γ·ℓ(p)) - 1/2)`` with gate ``a = 1`` here.  ``mode="reference"`` is the clipped-odds form of
 mmazeika/model-stealing-defenses and KacemKhaled/defending-extraction (``ℓ = log clip(p/(1-p), 1e-12, 1-1e-12)``,
 never pushes a class above 0.5 down); ``mode="textbook"`` uses the true logit ``log p - log(1-p)``
-(extraction-defenses spec 2.3); ``mode="art"`` is the Adversarial Robustness Toolbox's ``ReverseSigmoid``
+(docs/defenses.md); ``mode="art"`` is the Adversarial Robustness Toolbox's ``ReverseSigmoid``
 postprocessor (1.20.1): the true logit of ``p`` clipped below at 1e-9 (ART's upper clip ``1 - 1e-9`` is 1.0 in
 float32), ``p - r`` clipped to ``[0, 1]`` before renormalising.  Defaults β=0.2, γ=0.2: the ModelGuard scripts' CIFAR-10 setting (β=0.21, γ=0.2).
 """
@@ -33,7 +33,7 @@ MODES = ("reference", "textbook", "art")
 
 
 def reverse_sigmoid_term(p: torch.Tensor, beta: float, gamma: float, mode: str) -> torch.Tensor:
-    """``r = β(σ(γℓ) - 1/2)``; ops: Sub, Div, Clip, Log, Mul, Sigmoid (spec 7.1 ops 6-13)."""
+    """``r = β(σ(γℓ) - 1/2)``; ops: Sub, Div, Clip, Log, Mul, Sigmoid (docs/defenses.md)."""
     if mode == "reference":
         ell = torch.log(torch.clamp(p / (1.0 - p), ODDS_MIN, ODDS_MAX))
     elif mode == "art":

@@ -3,7 +3,7 @@
 ``record_golden`` runs a reference artifact (normally the shipped ``.onnx`` in ONNX Runtime on CPU) on the first
 ``n`` images of a dataset split and, when an owner vault is given, on its watermark and fragile triggers, and writes one
 ``.npz`` (inputs, probabilities, a JSON header).  ``check_golden`` runs another artifact (the engine on the GPU or
-Jetson, a bundle, another ONNX) on the same inputs and compares, group by group (spec 5.5 and 7):
+Jetson, a bundle, another ONNX) on the same inputs and compares, group by group (docs/tensorrt.md):
 
 =============  ====================================================================================
 precision      rule (``--atol`` / ``--min-top1`` override)

@@ -1,4 +1,4 @@
-"""Sensitivity of fragile triggers to fine-tuning (fragile spec 6.1, the paper's Fig. 2 / Table 4).
+"""Sensitivity of fragile triggers to fine-tuning (docs/fragile.md, the paper's Fig. 2 / Table 4).
 
 For each generator variant (``non`` untrained, ``cla`` CE only, ``full`` CE + a·Var) one trigger set is generated
 against the bundle's model; then, for each regime (``last``: the classifier only, BatchNorm statistics frozen;

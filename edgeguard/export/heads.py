@@ -202,7 +202,7 @@ def head_nodes(proto) -> list:
 
 
 def check_head(proto, *, allow_random: bool = False, network_ops: frozenset[str] = frozenset()) -> list[str]:
-    """Graph rules for a fused head (spec A8): allowed op types only, no Q/DQ on or after the logits.
+    """Graph rules for a fused head (docs/defenses.md): allowed op types only, no Q/DQ on or after the logits.
 
     ``network_ops``: op types of a second network the head runs on the input (adaptive misinformation's model),
     allowed because the backbone itself uses them.

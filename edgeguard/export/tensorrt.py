@@ -290,7 +290,7 @@ def _builder_config(trt, builder, network, cfg: EngineConfig, facts, strongly_ty
     pinned: list[str] = []
     if cfg.fp16:
         config.set_flag(_flag(trt, "FP16"))
-        if facts.has_qdq:  # a weakly typed network runs Q/DQ only with INT8 enabled (spec 5.2)
+        if facts.has_qdq:  # a weakly typed network runs Q/DQ only with INT8 enabled (docs/tensorrt.md)
             config.set_flag(_flag(trt, "INT8"))
         pinned, helpers = _pin_fp32(trt, network, facts.fp32_nodes, facts.node_ops)
         flags["fp32_helper_layers"] = len(helpers)

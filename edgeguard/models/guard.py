@@ -17,11 +17,11 @@ graph edit (:func:`attach`), and :func:`protect_magicguard` writes a guarded bun
 * The guard is computed in FP32 whatever the input dtype.  ``w·x`` overflows FP16 (65504) for |x| > 65504/w,
   so exports keep the guard's nodes out of quantization and list them in the graph metadata
   (``magicguard.nodes``) for FP32 pinning in TensorRT (:func:`guard_nodes`).
-* Variants (spec 2.2): ``sine`` (function 0, the method), ``staircase`` (``a·floor(x/a)``: no gradient reaches
+* Variants (docs/magicguard.md): ``sine`` (function 0, the method), ``staircase`` (``a·floor(x/a)``: no gradient reaches
   the model, fine-tuning becomes a no-op) and ``reversal`` (``2·s(x) - x`` with ``s`` a staircase of step a/2:
   the gradient is exactly reversed, fine-tuning ascends the loss).  All three change any value by less than a.
 
-Limitation (spec 7): the guard is a visible ``Sin`` in any exported graph; an informed attacker deletes it
+Limitation (docs/magicguard.md): the guard is a visible ``Sin`` in any exported graph; an informed attacker deletes it
 (:func:`strip`) and fine-tunes normally.  It does nothing against extraction or distillation.
 """
 
@@ -297,6 +297,6 @@ def export_record(manifest: dict[str, Any], proto) -> dict[str, Any] | None:
 
 def parity_atol(manifest: dict[str, Any], atol: float) -> float:
     """Parity tolerance for outputs of a guarded model: runtimes compute ``sin`` of large arguments differently, by up
-    to the guard's full swing, so ``2a`` is added (spec 6.1); unguarded models keep ``atol``."""
+    to the guard's full swing, so ``2a`` is added (docs/magicguard.md); unguarded models keep ``atol``."""
     cfg = manifest.get(MANIFEST_KEY)
     return atol + 2.0 * float(cfg["a"]) if cfg else atol

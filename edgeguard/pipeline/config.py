@@ -167,7 +167,7 @@ class PipelineFragileConfig(LibrarySection):
     verifications: int = 20  # repeated verifications of the enrolled artifact (false alarms)
     finetune_epochs: int = 1
     finetune_lr: float = 1e-3  # the paper's SGD lr
-    weight_noise: float = 1e-3  # Gaussian noise, times each weight tensor's std (spec F10, informational)
+    weight_noise: float = 1e-3  # Gaussian noise, times each weight tensor's std (docs/fragile.md, informational)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -94,7 +94,7 @@ def stage_magicguard(ctx: Context) -> None:
               f"test accuracy {res.accuracy_before:.4f} -> {res.accuracy_after:.4f} (limit 0.1 point), max |Δlogit| "
               f"{res.max_abs_change:.4f} (a = {mg.a:g})")
     for row in d.summary():
-        sgd_spec = row["recipe"] == "SGD lr 0.001"  # the acceptance recipe (spec AT-2)
+        sgd_spec = row["recipe"] == "SGD lr 0.001"  # the acceptance recipe (docs/magicguard.md)
         if row["model"] == "guarded" and sgd_spec:
             ctx.check(f"MagicGuard destroys under {row['recipe']}", row["destroyed"] == row["seeds"],
                       f"final accuracy {row['final_min']:.3f}-{row['final_max']:.3f} after {mg.destruction.steps} steps; "
@@ -191,7 +191,7 @@ def stage_evaluate(ctx: Context) -> None:
 
 
 def _parity_atol(ctx: Context, atol: float) -> float:
-    """A guarded model's outputs differ between runtimes by up to 2a (sin of large arguments; spec 6.1)."""
+    """A guarded model's outputs differ between runtimes by up to 2a (sin of large arguments; docs/magicguard.md)."""
 
     return parity_atol(load_bundle(ctx.bundle, verify=False).manifest, atol)
 

@@ -66,7 +66,7 @@ class MagicGuardResult(Result):
                 f"{self.max_abs_change:.4f}{trig}")
 
 
-MAX_ACCURACY_CHANGE = 0.005  # spec AT-1: |test accuracy - BA0| <= 0.5 point
+MAX_ACCURACY_CHANGE = 0.005  # acceptance: |test accuracy - BA0| <= 0.5 point (docs/magicguard.md)
 MIN_AGREEMENT = 0.995
 MAX_TRIGGER_CHANGE = 0.01
 

@@ -50,7 +50,7 @@ class WatermarkConfig(Config):
     n_triggers: int = 100  # generated keys only; a trigger directory brings its own count
     trigger_batch: int = 16  # trigger images appended to every clean batch (Adi: 2 per 100 on CIFAR)
     epochs: int = 20  # upper bound (pretrained) or the whole schedule (fromscratch)
-    lr: float = 0.01  # pretrained: SGD lr (spec 4.1); fromscratch uses the bundle's own training recipe
+    lr: float = 0.01  # pretrained: SGD lr (docs/watermark.md); fromscratch uses the bundle's own training recipe
     stop_after: int = 3  # pretrained: stop once every trigger matches at this many consecutive epoch ends
     alpha: float = 1e-3  # significance of the verdict
     trigger_dir: str | None = None

@@ -200,7 +200,7 @@ def quantize_bundle(source: str | Path, out: str | Path, cfg: PtqConfig | QatCon
             log("QAT: mixing the bundle's watermark triggers into every batch")
     model = bundle.load_model()
     kept = magicguard.guard_paths(model)
-    if kept:  # the guard stays FP32: quantizing w*x (range 1e4-1e6) would turn the ripple into noise (spec 6.4)
+    if kept:  # the guard stays FP32: quantizing w*x (range 1e4-1e6) would turn the ripple into noise (docs/magicguard.md)
         base = base.replace(exclude=tuple(dict.fromkeys((*base.exclude, *kept))))
         cfg = base if isinstance(cfg, PtqConfig) else cfg.replace(base=base)
         log(f"MagicGuard: {', '.join(kept)} kept in FP32" + ("; QAT runs in owner mode" if isinstance(cfg, QatConfig) else ""))

@@ -1,6 +1,6 @@
 """What TensorRT engines depend on: the tensorrt module, the GPU, and the manifest beside every engine.
 
-An engine (plan) runs only with the TensorRT version and the GPU architecture it was built with (spec 5.4), so
+An engine (plan) runs only with the TensorRT version and the GPU architecture it was built with (docs/tensorrt.md), so
 ``edgeguard build-engine`` writes ``MODEL.engine.json`` beside ``MODEL.engine`` and the runner compares it with
 the machine before deserializing anything.  The comparison (:func:`check_compatible`) is a pure function of two
 mappings, so it is tested without tensorrt or a GPU.  tensorrt, cuda-python and torch are imported lazily.
@@ -124,7 +124,7 @@ def read_manifest(engine: str | Path) -> dict[str, Any]:
 def check_compatible(manifest: dict[str, Any], env: dict[str, Any], *, engine: str | Path = "MODEL.engine") -> None:
     """Refuse an engine built for another TensorRT version or GPU architecture (before deserializing it).
 
-    TensorRT plans are tied to the exact TensorRT version and to the compute capability (spec 5.4); the GPU name is
+    TensorRT plans are tied to the exact TensorRT version and to the compute capability (docs/tensorrt.md); the GPU name is
     recorded but not compared (two boards with one compute capability run the same plan).  Unless the engine was
     built version-compatible, the TensorRT versions must match exactly.  Raises :class:`BadInput` (exit 2)."""
     hint = REBUILD.format(engine=engine)

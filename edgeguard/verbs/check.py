@@ -299,7 +299,7 @@ def verify_artifacts(artifacts: list[str | Path], vault: str | Path | None = Non
     """``verify_artifact`` for several artifacts (e.g. FP32 and INT8 side by side) with one vault."""
     if vault is None and len(artifacts) > 1:
         vault = Path(artifacts[0]) / "vault" if artifact_kind(artifacts[0]) == "bundle" else None
-    if len(artifacts) > 1:  # one claim over several artifacts: Bonferroni (spec 5.1)
+    if len(artifacts) > 1:  # one claim over several artifacts: Bonferroni (docs/watermark.md)
         base = kw.pop("alpha", None)
         if base is None and vault is not None and Path(vault).is_dir():
             base = Vault(vault).get_json("watermark").get("alpha", 1e-3) if "watermark" in Vault(vault) else 1e-3

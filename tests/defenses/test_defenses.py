@@ -1,5 +1,5 @@
 """Defense modules against their NumPy float64 oracles, and the properties each one promises
-(extraction-defenses spec A1, A3-A7, A13; modelguard spec 12 item 7)."""
+(docs/defenses.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from edgeguard.errors import BadInput
 
 
 def _logits(n: int, c: int, seed: int = 0) -> np.ndarray:
-    """Synthetic logits N(0, s^2), s in {0.5, 2, 5, 20, 80}: near-uniform to saturated rows (spec A1)."""
+    """Synthetic logits N(0, s^2), s in {0.5, 2, 5, 20, 80}: near-uniform to saturated rows (docs/defenses.md)."""
     rng = np.random.default_rng(seed)
     scales = rng.choice([0.5, 2.0, 5.0, 20.0, 80.0], size=(n, 1))
     return (rng.standard_normal((n, c)) * scales).astype(np.float32)

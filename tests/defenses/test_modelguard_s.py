@@ -1,4 +1,4 @@
-"""ModelGuard-S (modelguard spec 3, 9.1, 12 items 4-6): online rule, first fit, frozen graph, cover, fallbacks.
+"""ModelGuard-S (docs/defenses.md): online rule, first fit, frozen graph, cover, fallbacks.
 
 Synthetic softmax vectors only (Dirichlet draws and logits with a random scale), no model training.
 """
@@ -152,7 +152,7 @@ def test_codebooks_must_keep_their_class():
         ModelGuardS.from_codebook(ModelGuardSConfig(), 3, [np.array([[0.2, 0.7, 0.1]]), np.zeros((0, 3)), np.zeros((0, 3))])
 
 
-# --- the offline cover (spec 3.3) ------------------------------------------------------------------------
+# --- the offline cover (docs/defenses.md) ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("eps", [0.5, 1.0])

@@ -1,4 +1,4 @@
-"""ModelGuard-W (modelguard spec 2, acceptance items 12.1-12.3): the sort solver against PuLP/CBC, feasibility,
+"""ModelGuard-W (docs/defenses.md): the sort solver against PuLP/CBC, feasibility,
 determinism, float32, the ONNX export and config validation."""
 
 from __future__ import annotations

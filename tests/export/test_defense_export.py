@@ -76,7 +76,7 @@ def test_onnx_head_matches_pytorch_module_on_1000_inputs(exported, inputs, name,
     """Issue 5: ORT output within 1e-5 (max abs) of the PyTorch defense on the graph's own logits.
 
     The heuristic's nu=1000 gate turns float rounding of the max probability into up to ~1e-4 on rows within
-    0.02 of beta (spec A2); those rows are held to 1e-4, the rest to 1e-5."""
+    0.02 of beta (docs/defenses.md); those rows are held to 1e-4, the rest to 1e-5."""
     path, module = exported[name][precision]
     outs = _run_with_logits(path, inputs)
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_head_graph_rules(exported, name):
             assert any(n.op_type in QDQ_OPS for n in proto.graph.node)  # the backbone stays INT8
 
 
-HEURISTIC_OPS = {"Softmax", "ReduceMax", "Sub", "Mul", "Sigmoid", "Div", "Clip", "Log", "ReduceSum",  # spec 7.1
+HEURISTIC_OPS = {"Softmax", "ReduceMax", "Sub", "Mul", "Sigmoid", "Div", "Clip", "Log", "ReduceSum",  # docs/defenses.md
                  "ArgMax", "Equal", "Cast", "Add"}  # + the top-1 guard
 
 

@@ -1,4 +1,4 @@
-"""Fragile triggers (Yin et al. 2022): spec F1-F5, F8, F9 (ONNX Runtime CPU), F10, F12, F14 and the issue's bad inputs."""
+"""Fragile triggers (Yin et al. 2022, docs/fragile.md): the key, the generator, enrolment and verification on ONNX Runtime CPU, and the issue's bad inputs."""
 
 from __future__ import annotations
 

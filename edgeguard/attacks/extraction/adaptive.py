@@ -1,4 +1,4 @@
-"""Adaptive extraction attacks (modelguard spec 6.2) on top of KnockoffNets' transfer set.
+"""Adaptive extraction attacks (docs/extraction.md) on top of KnockoffNets' transfer set.
 
 Each is its own registered method; all query a random sample of the attacker's pool (KnockoffNets' random policy)
 through the budgeted oracle and differ in what they do with the answers:

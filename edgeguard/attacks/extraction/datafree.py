@@ -16,7 +16,7 @@ per image), then ``student_steps`` student steps costing ``gen_batch`` each.  Th
 from ``oracle.remaining`` up front and never asks for more; a last, partial iteration (fewer student steps,
 with or without its generator step) is run only when it fits.
 
-**edgeguard choice** (spec 5.2, pitfall 10): every query, gradient-estimation probes included, goes through
+**edgeguard choice** (docs/extraction.md): every query, gradient-estimation probes included, goes through
 the oracle, i.e. through the deployed defense; the released code's bypass of the defense for probes is not
 reproduced.  The surrogate returned is the final student (pitfall 9: no best-over-epochs selection on test
 data); ``ctx.log`` records the best and final per-iteration student loss.

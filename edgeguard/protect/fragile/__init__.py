@@ -5,12 +5,12 @@ Method and measurements: docs/fragile.md (Yin et al., ICIP 2022).  A small gener
 softmax on every trigger is as flat as possible (``L = CE(P, s) + a·Var(P)``): the triggers sit next to several
 decision boundaries, so almost any change of C flips some of them.  C is never modified (checked by hash).
 
-Generation needs a differentiable copy of the deployed computation (spec 9.3 step 1): the float model of a bundle,
+Generation needs a differentiable copy of the deployed computation (docs/fragile.md): the float model of a bundle,
 or, for an ``.onnx`` artifact and an INT8 bundle, the artifact's own graph run in PyTorch with its Q/DQ nodes as
 fake-quant (straight-through gradient; :mod:`edgeguard.runtime.onnx_torch`).
 
 Deployed artifacts compute slightly different numbers (ONNX Runtime, INT8, TensorRT), so triggers are *enrolled*
-per artifact (spec 9.3): run R times at each batch size through the artifact's Runner, drop unstable triggers and
+per artifact (docs/fragile.md): run R times at each batch size through the artifact's Runner, drop unstable triggers and
 near-ties (log-probability margin below ``max(4·noise, tau)``), and keep the artifact's own labels as the reference.
 Verification is then exact on labels: intact iff every kept trigger returns its reference label, and (the Runner
 returns probabilities) every log-probability stays within ``3·noise + eps`` of the enrolled one.

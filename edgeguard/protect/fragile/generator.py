@@ -23,7 +23,7 @@ from edgeguard.progress import log
 from edgeguard.protect.fragile.refine import _margins, _refine, row_variance
 from edgeguard.training import TensorData, TrainConfig, fit
 
-VARIANTS = ("full", "cla", "var", "non")  # CE + a*Var, CE only, Var only, untrained generator (spec 5)
+VARIANTS = ("full", "cla", "var", "non")  # CE + a*Var, CE only, Var only, untrained generator (docs/fragile.md)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class FragileConfig(Config):
     steps: int = 300  # full-batch generator steps ("epochs" in the paper)
     max_steps: int | None = None  # keep training in chunks of 100 steps until AccTri on C is 1.0; default max(3000, steps)
     lr: float = 1e-3
-    floor: float = 50.0  # b: margin floor b * mean relu(gamma - m_i) (spec 9.3), only in steps past ``steps`` (fallback)
+    floor: float = 50.0  # b: margin floor b * mean relu(gamma - m_i) (docs/fragile.md), only in steps past ``steps`` (fallback)
     floor_margin: float | None = None  # gamma, in logits; default: half of ``margin``
     refine_steps: int = 600  # last resort: per-trigger pixel steps for the triggers the generator left off their key
     refine_lr: float = 0.05
@@ -77,12 +77,12 @@ def a_for_margin(num_classes: int, margin: float) -> float:
 
 
 def secret_key(n: int, num_classes: int) -> torch.Tensor:
-    """s_i = i mod M (spec F1)."""
+    """s_i = i mod M (docs/fragile.md)."""
     return torch.arange(n) % num_classes
 
 
 class Generator(nn.Module):
-    """DCGAN-style generator for 32x32 (spec 4): 512 -> 256x4x4 -> 128x8x8 -> 64x16x16 -> Cx32x32, pixels in [0, 1];
+    """DCGAN-style generator for 32x32 (docs/fragile.md): 512 -> 256x4x4 -> 128x8x8 -> 64x16x16 -> Cx32x32, pixels in [0, 1];
     resized to the model's H x W when that differs."""
 
     def __init__(self, latent: int = 512, channels: int = 3, size: tuple[int, int] = (32, 32)):
@@ -219,12 +219,12 @@ def _train_generator(model: nn.Module, input_shape: tuple[int, int, int], key: t
         if cfg.variant == "var":
             return a * row_variance(p)
         loss = F.cross_entropy(logits, key) + a * row_variance(p)
-        if cfg.floor > 0 and state.step >= cfg.steps:  # fallback margin floor (spec 9.3): b * mean relu(gamma - m_i)
+        if cfg.floor > 0 and state.step >= cfg.steps:  # fallback margin floor (docs/fragile.md): b * mean relu(gamma - m_i)
             loss = loss + cfg.floor * F.relu(gamma - _margins(logits, key)).mean()
         return loss
 
     def stored() -> torch.Tensor:
-        gen.train()  # BatchNorm over the full latent batch, as during training (spec 4)
+        gen.train()  # BatchNorm over the full latent batch, as during training (docs/fragile.md)
         with torch.no_grad():
             u = gen(z).clamp(0, 1)
         return torch.round(u * 255).to(torch.uint8) if cfg.uint8 else u
