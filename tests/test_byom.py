@@ -100,6 +100,7 @@ def test_a_model_ending_in_softmax_is_taken_as_probabilities(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, source", [("resnet", "factory"), ("vgg", "factory"), ("vit", "pt2")])
 def test_the_whole_chain_on_an_imported_model(name, source, tmp_path):
+    torch.manual_seed(0)  # the user's init; without it, it depended on the tests run before (10 inits: docs/fragile.md)
     user = bm.train_user_model(getattr(bm, name)())
     norm = ["--mean", str(bm.DIGITS_MEAN[0]), "--std", str(bm.DIGITS_STD[0]), "--dataset", "digits"]
     if source == "factory":
