@@ -8,6 +8,7 @@ field, or a property computed from the fields); :meth:`Result.summary` is the on
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -38,3 +39,18 @@ class Result:
     def summary(self) -> str:
         """What the CLI prints for this result."""
         return type(self).__name__
+
+
+@dataclass(frozen=True)
+class ReportResult(Result):
+    """A run that writes a report into its folder (the pipeline, the grid): its JSON is the report itself."""
+
+    out: str
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:  # type: ignore[override]
+        return bool(self.report["passed"])
+
+    def to_json(self) -> dict[str, Any]:
+        return self.report

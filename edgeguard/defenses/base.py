@@ -73,6 +73,7 @@ class Defense(nn.Module):
     name: ClassVar[str] = ""
     fusable: ClassVar[bool] = True
     context_free: ClassVar[bool] = False
+    keeps_top1: ClassVar[bool] = False  # the argmax is kept by construction, whatever the config
     needs_input: ClassVar[bool] = False
     emits_flag: ClassVar[bool] = False
     random: ClassVar[bool] = False
@@ -102,8 +103,9 @@ class Defense(nn.Module):
 
     @classmethod
     def preserves_top1(cls, cfg: Any) -> bool:
-        """Whether the defended argmax equals the undefended one by construction (default: a ``top1_guard``)."""
-        return bool(getattr(cfg, "top1_guard", False))
+        """Whether the defended argmax equals the undefended one by construction: ``keeps_top1``, else a config
+        with ``top1_guard`` on."""
+        return cls.keeps_top1 or bool(getattr(cfg, "top1_guard", False))
 
     @property
     def placement(self) -> str:

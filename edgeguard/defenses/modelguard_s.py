@@ -84,9 +84,7 @@ class ModelGuardS(Defense):
     def placement_for(cls, cfg) -> str:
         return "host" if cfg is not None and cfg.online else "graph"  # an online codebook keeps growing: host
 
-    @classmethod
-    def preserves_top1(cls, cfg) -> bool:
-        return True  # by construction: the argmax is kept
+    keeps_top1 = True  # by construction: the argmax is kept
     name = "modelguard_s"
     emits_flag = True
     cfg: ModelGuardSConfig

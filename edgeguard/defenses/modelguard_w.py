@@ -254,9 +254,7 @@ def lp_reference(y: np.ndarray, eps: float, margin: float = 1e-4) -> np.ndarray:
 
 class ModelGuardW(Defense):
 
-    @classmethod
-    def preserves_top1(cls, cfg) -> bool:
-        return True  # by construction: the argmax is kept
+    keeps_top1 = True  # by construction: the argmax is kept
     context_free = True  # its mapping follows from the published parameters alone
     name = "modelguard_w"
     cfg: ModelGuardWConfig

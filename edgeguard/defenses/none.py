@@ -10,9 +10,7 @@ from edgeguard.defenses.base import DEFENSES, Defense, DefenseContext, softmax_n
 
 class NoDefense(Defense):
 
-    @classmethod
-    def preserves_top1(cls, cfg) -> bool:
-        return True  # by construction: the argmax is kept
+    keeps_top1 = True  # by construction: the argmax is kept
     context_free = True  # its mapping follows from the published parameters alone
     name = "none"
 

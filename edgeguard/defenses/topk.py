@@ -28,9 +28,7 @@ class TopKConfig(Config):
 
 class TopK(Defense):
 
-    @classmethod
-    def preserves_top1(cls, cfg) -> bool:
-        return True  # by construction: the argmax is kept
+    keeps_top1 = True  # by construction: the argmax is kept
     context_free = True  # its mapping follows from the published parameters alone
     name = "topk"
     cfg: TopKConfig

@@ -33,31 +33,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         + "(" + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items() if k != "total") + ")",
         "",
     ]
-    if "train" in res:
-        out += _train_section(res)
-    if "import" in res:
-        out += _import_section(res)
-    if "evaluate" in res:
-        out += _accuracy_section(res)
-    if "watermark" in res:
-        out += _watermark_section(res)
-    if "magicguard" in res:
-        out += _magicguard_section(res["magicguard"])
-    if "fragile" in res:
-        out += _fragile_section(res["fragile"])
-    if "defenses" in res:
-        out += _defenses_section(res)
-    if "extraction" in res:
-        out += _extraction_section(res)
-    if "bench" in res:
-        out += _bench_section(res)
-    if "serve" in res:
-        out += _serve_section(res)
+    for key, section in _sections():  # in report order
+        if key in res:
+            out += section(res)
     out += ["## Artifacts", ""]
     out += [_table(["name", "path"], [[k, f"`{v}`"] for k, v in report["artifacts"].items()]), ""]
     out += ["## Checks", ""]
     out += [f"- {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in report["checks"]]
     return "\n".join(out) + "\n"
+
+
+def _sections():
+    return (("train", _train_section), ("import", _import_section), ("evaluate", _accuracy_section),
+            ("watermark", _watermark_section), ("magicguard", lambda r: _magicguard_section(r["magicguard"])),
+            ("fragile", lambda r: _fragile_section(r["fragile"])), ("defenses", _defenses_section),
+            ("extraction", _extraction_section), ("bench", _bench_section), ("serve", _serve_section))
 
 
 def _train_section(res: dict[str, Any]) -> list[str]:

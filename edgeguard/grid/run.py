@@ -19,7 +19,7 @@ from edgeguard.grid.config import GRID_MARKER, GRID_VERSION, GridConfig, short_h
 from edgeguard.grid.report import plot_attack, render_markdown, slug, summarize, summary_tables
 from edgeguard.grid.tasks import Executor, Job, check_backend, failure_record, run_cell, run_export
 from edgeguard.progress import log, task
-from edgeguard.results import Result
+from edgeguard.results import ReportResult
 from edgeguard.verbs import train_bundle
 
 # --- the run folder and the victim ----------------------------------------------------------------------------------
@@ -75,23 +75,13 @@ def _victim_bundle(cfg: GridConfig, out: Path) -> tuple[Path, str, dict[str, Any
 
 
 @dataclass(frozen=True)
-class GridResult(Result):
-    out: str
-    report: dict[str, Any]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.report["passed"])
-
+class GridResult(ReportResult):
     @property
     def rows(self) -> list[dict[str, Any]]:
         return self.report["summary"]
 
     def table(self) -> str:
         return summary_tables(self.rows)
-
-    def to_json(self) -> dict[str, Any]:
-        return self.report
 
     def summary(self) -> str:
         c = self.report["counts"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edgeguard import __version__
 from edgeguard.evaluate.report import write_report
@@ -13,21 +12,11 @@ from edgeguard.fileio import claim_run_dir
 from edgeguard.pipeline.config import PipelineConfig
 from edgeguard.pipeline.stages import STAGES, Context
 from edgeguard.progress import log
-from edgeguard.results import Result
+from edgeguard.results import ReportResult
 
 
 @dataclass(frozen=True)
-class PipelineResult(Result):
-    out: str
-    report: dict[str, Any]
-
-    @property
-    def passed(self) -> bool:
-        return all(c["passed"] for c in self.report["checks"])
-
-    def to_json(self) -> dict[str, Any]:
-        return self.report
-
+class PipelineResult(ReportResult):
     def summary(self) -> str:
         lines = [f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in self.report["checks"]]
         return "\n".join([*lines, f"report: {Path(self.out) / 'report.md'}"])
