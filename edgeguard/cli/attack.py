@@ -16,6 +16,7 @@ from edgeguard.cli.options import (
     REMOTE,
     SEED,
     KeyValue,
+    _data_config,
     _registry_names,
     emit,
     merge_flags,
@@ -79,7 +80,7 @@ def attack_extract_cmd(artifact, method, budget, query_set, query_options, query
                        params, dataset, data_root, out, reference, seed, json_path):
     """Model extraction: query ARTIFACT as a client would (probabilities only, counted budget), train a surrogate,
     and report its accuracy and fidelity on the victim's test split (--dataset, default digits)."""
-    from edgeguard.api import DataConfig, extract, method_config
+    from edgeguard.api import extract, method_config
 
     named = {"budget": budget, "query_set": query_set, "query_options": dict(query_options) or None,
              "query_root": str(query_root) if query_root else None, "surrogate": surrogate, "epochs": epochs,
@@ -88,6 +89,6 @@ def attack_extract_cmd(artifact, method, budget, query_set, query_options, query
     if twice:
         raise BadInput(f"--param {twice[0]}=... repeats --{twice[0].replace('_', '-')}: give it once")
     cfg = merge_flags(method_config(method, dict(params)), f"attack extract --method {method}", **named)
-    res = extract(artifact, out, method, cfg, eval_data=DataConfig(dataset or "digits", root=str(data_root) if data_root else None),
+    res = extract(artifact, out, method, cfg, eval_data=_data_config(dataset, str(data_root) if data_root else None, ()),
                   reference=reference)
     emit(res, json_path)

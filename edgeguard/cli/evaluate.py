@@ -75,9 +75,9 @@ def evaluate_cmd(artifact, dataset, data_root, data_options, split, min_accuracy
     For an artifact with an output defense it also measures the defense against the artifact's own undefended
     view: argmax agreement, mean/max L1 on the split and on an out-of-distribution set, and latency overhead.
     """
-    from edgeguard.api import DataConfig, evaluate
+    from edgeguard.api import evaluate
 
-    ood = DataConfig(ood_dataset, options=dict(ood_options)) if ood_dataset else None
+    ood = _data_config(ood_dataset, None, ood_options) if ood_dataset else None
     res = evaluate(artifact, _data_config(dataset, data_root, data_options, _default_data(artifact)), split=split,
                    min_accuracy=min_accuracy, ood=ood, latency=latency, device=device)
     emit(res, json_path)
