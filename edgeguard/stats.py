@@ -66,6 +66,24 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     return mean, mean - half, mean + half
 
 
+def welch_interval(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Difference of means ``mean(a) - mean(b)`` with its two-sided Welch interval ``(diff, lo, hi)``: two
+    independent samples, variances not assumed equal (Welch-Satterthwaite degrees of freedom)."""
+    from scipy import stats as st
+
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("a Welch interval needs at least two values per sample")
+    ma, mb = math.fsum(a) / len(a), math.fsum(b) / len(b)
+    va = math.fsum((v - ma) ** 2 for v in a) / (len(a) - 1) / len(a)
+    vb = math.fsum((v - mb) ** 2 for v in b) / (len(b) - 1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return ma - mb, ma - mb, ma - mb
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(st.t.ppf(0.5 + confidence / 2, df)) * se
+    return ma - mb, ma - mb - half, ma - mb + half
+
+
 def paired_comparison(treated: list[float], control: list[float], confidence: float = 0.95) -> dict[str, float | int]:
     """Paired comparison of ``treated`` against ``control`` at equal seeds (same victim, same attack seed).
 

@@ -57,6 +57,20 @@ def test_t_interval_matches_scipy():
     assert t_interval([0.4]) == (0.4, 0.4, 0.4)
 
 
+def test_welch_interval_matches_scipy():
+    from scipy import stats as st
+
+    from edgeguard.stats import welch_interval
+
+    for a, b in ((FIDELITY_NONE, FIDELITY_DEF), ([0.8, 0.81, 0.79], [0.7, 0.75, 0.72, 0.74])):
+        diff, lo, hi = welch_interval(a, b)
+        want = st.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+        assert diff == pytest.approx(sum(a) / len(a) - sum(b) / len(b)) and (lo, hi) == pytest.approx(tuple(want), abs=1e-12)
+    assert welch_interval([0.5, 0.5], [0.4, 0.4]) == pytest.approx((0.1, 0.1, 0.1))
+    with pytest.raises(ValueError):
+        welch_interval([0.5], [0.4, 0.3])
+
+
 def test_paired_comparison_matches_scipy():
     import numpy as np
     from scipy import stats as st

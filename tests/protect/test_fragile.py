@@ -288,6 +288,28 @@ def test_refinement_puts_the_triggers_a_stalled_generator_left_behind_on_their_k
     assert info["triggers"] == 0 and torch.equal(again, key.images)  # triggers already on their key are untouched
 
 
+def test_triggers_an_enrolment_drops_are_refined_to_a_larger_margin(tiny_bundle):
+    """What enrolment measures is the artifact's margin (after a fused head and the runtime), which can be far
+    below the differentiable copy's: boost() takes the dropped triggers to twice the largest margin among them
+    (factor 4), keeps their key, and leaves every other trigger bit-identical."""
+    from edgeguard.protect.fragile import boost
+    from edgeguard.protect.fragile.refine import _margins
+
+    model = load_bundle(tiny_bundle).load_model()
+    cfg = FragileConfig(n=20, steps=5, max_steps=5)
+    key = generate(model, (1, 32, 32), 10, cfg)
+    with torch.no_grad():
+        m0 = _margins(model(key.as_float()), key.key)
+    dropped = [int(i) for i in m0.argsort()[:4]]  # the four nearest a tie, as an enrolment would drop them
+    boosted = boost(model, key, dropped, 10, cfg, 4.0)
+    with torch.no_grad():
+        m1 = _margins(model(boosted.as_float()), boosted.key)
+    others = [i for i in range(20) if i not in dropped]
+    assert torch.equal(boosted.images[others], key.images[others]) and torch.equal(boosted.key, key.key)
+    assert float(m1[dropped].min()) >= 2 * float(m0[dropped].max()) * 0.99  # uint8 rounding of the kept image
+    assert boosted.stats["boosted"][0]["triggers"] == 4 and boosted.sha256 != key.sha256
+
+
 def test_a_key_class_the_model_cannot_reach_keeps_the_models_label_within_the_limit(tiny_bundle):
     """A classifier that never outputs class 9: the two triggers keyed 9 (of 20) keep the model's own label and are
     listed as rekeyed; with max_rekeyed 0 the same generation is refused."""

@@ -45,6 +45,7 @@ from edgeguard.protect.fragile.enrol import (
     RECORD_FORMAT,
     EnrolConfig,
     FragileVerification,
+    TooFewStable,
     check_record,
     enrol,
     record_hash,
@@ -56,6 +57,7 @@ from edgeguard.protect.fragile.generator import (
     FragileKey,
     Generator,
     a_for_margin,
+    boost,
     generate,
     secret_key,
     trigger_stats,
@@ -143,6 +145,7 @@ def protect_fragile(artifact: str | Path, out: str | Path | None = None, cfg: Fr
             key = store.get_key(_key_sha(store, names[0]))
             generation = {"reused_key": key.sha256}
             described = "(stored key)"
+            record = enrol(runner, key, enrol_cfg, generation=generation)
         else:
             model, described = surrogate_for(artifact, surrogate)
             log(f"fragile: generating {cfg.n} triggers against {described} (a = {cfg.weight(info.num_classes):.4g})",
@@ -151,8 +154,8 @@ def protect_fragile(artifact: str | Path, out: str | Path | None = None, cfg: Fr
             if shape is None:
                 raise BadInput(f"{artifact} has a dynamic input size; fragile triggers need a fixed C x H x W")
             key = generate(model, shape, info.num_classes, cfg, quiet=quiet)
-            generation = {**key.stats, "config": cfg.params(), "surrogate": described}
-        record = enrol(runner, key, enrol_cfg, generation=generation)
+            key, record = _enrol_generated(runner, key, enrol_cfg, model, info.num_classes, cfg, described, quiet)
+            generation = record["generation"]
         check = verify(runner, record, key)
     if check.verdict != "intact":
         raise CheckFailed(f"the enrolled triggers did not re-verify on {artifact} ({check.verdict}); nothing was written")
@@ -164,6 +167,21 @@ def protect_fragile(artifact: str | Path, out: str | Path | None = None, cfg: Fr
     return FragileResult(str(store.path), info.to_json(), described, key.sha256, generation, len(record["kept"]),
                          record["n"], record["key_agreement"], record["noise"], record["margin_floor"],
                          record["margin_min"], check)
+
+
+def _enrol_generated(runner, key: FragileKey, enrol_cfg: EnrolConfig | None, model: nn.Module, num_classes: int,
+                     cfg: FragileConfig, described: str, quiet: bool | None):
+    """Enrol freshly generated triggers; when the artifact leaves too many unstable or within its margin floor, those
+    are refined on the differentiable copy to twice, then four times the largest margin among them (:func:`boost`)
+    and enrolment is tried again."""
+    for factor in (4.0, 8.0, None):
+        try:
+            return key, enrol(runner, key, enrol_cfg, generation={**key.stats, "config": cfg.params(), "surrogate": described})
+        except TooFewStable as e:
+            if factor is None or cfg.refine_steps == 0 or cfg.variant in ("non", "var"):
+                raise
+            key = boost(model, key, e.dropped, num_classes, cfg, factor, quiet=quiet)
+    raise AssertionError("unreachable")
 
 
 def _key_sha(store: FragileStore, name: str) -> str:

@@ -54,6 +54,14 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+class TooFewStable(CheckFailed):
+    """Enrolment kept too few triggers; ``dropped`` are the indices it left out (unstable or within the floor)."""
+
+    def __init__(self, message: str, dropped: list[int]):
+        super().__init__(message)
+        self.dropped = dropped
+
+
 def enrol(runner, key: FragileKey, cfg: EnrolConfig | None = None, *, generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """The artifact's reference record: fingerprint, kept triggers, their labels and log-probabilities, noise floor.
 
@@ -71,8 +79,9 @@ def enrol(runner, key: FragileKey, cfg: EnrolConfig | None = None, *, generation
     floor = max(4 * delta, _tau(info.precision))
     kept = np.flatnonzero(stable & (margin >= floor))
     if len(kept) < math.ceil(cfg.min_kept * len(x)):
-        raise CheckFailed(f"only {len(kept)}/{len(x)} triggers are stable with a margin >= {floor:.2g} on {info.path} "
-                          f"(need {cfg.min_kept:.0%}); regenerate with a smaller --margin or more triggers. Nothing was written")
+        raise TooFewStable(f"only {len(kept)}/{len(x)} triggers are stable with a margin >= {floor:.2g} on {info.path} "
+                           f"(need {cfg.min_kept:.0%}); regenerate with a smaller --margin or more triggers. Nothing was "
+                           "written", sorted(set(range(len(x))) - set(kept.tolist())))
     ref = med.argmax(1)
     record = {
         "format": RECORD_FORMAT,

@@ -20,7 +20,7 @@ from edgeguard.config import Config, require
 from edgeguard.errors import BadInput, CheckFailed
 from edgeguard.models.guard import owner_gradients
 from edgeguard.progress import log
-from edgeguard.protect.fragile.refine import _margins, _refine, row_variance
+from edgeguard.protect.fragile.refine import _margins, _pixel_search, _refine, row_variance
 from edgeguard.training import TensorData, TrainConfig, fit
 
 VARIANTS = ("full", "cla", "var", "non")  # CE + a*Var, CE only, Var only, untrained generator (docs/fragile.md)
@@ -288,3 +288,27 @@ def _rekey(probs: torch.Tensor, key: torch.Tensor, cfg: FragileConfig, quiet: bo
     log(f"fragile generator: {len(miss)}/{cfg.n} triggers could not reach their key class; they keep the model's "
         "own label", quiet=quiet)
     return key, miss.tolist()
+
+
+def boost(model: nn.Module, key: FragileKey, idx: list[int], num_classes: int, cfg: FragileConfig, factor: float,
+          *, quiet: bool | None = True) -> FragileKey:
+    """Refine the triggers ``idx`` (those an enrolment dropped) on ``model`` until each has ``factor / 2`` times the
+    largest margin among them (at least the floor margin gamma); the others stay bit-identical.  The margin an
+    enrolment measures is the artifact's, after its defense head and runtime: a flat trigger that clears gamma on the
+    differentiable copy can sit within the artifact's floor (a fused heuristic head compresses flat outputs)."""
+    gamma0 = cfg.floor_margin if cfg.floor_margin is not None else cfg.margin / 2
+    i = torch.as_tensor(idx, dtype=torch.long)
+    x = key.as_float()[i]
+    with _frozen(model):
+        m0 = _margins(model(x), key.key[i]).detach()
+        gamma = factor * max(float(m0.max()), gamma0)  # the search stops once every margin is >= gamma / 2
+        xs, ms, steps = _pixel_search(model, x, key.key[i], cfg, cfg.weight(num_classes), gamma)
+    better = ms > m0  # a trigger the search could not improve keeps its image
+    images = key.images.clone()
+    new = torch.round(xs * 255).to(torch.uint8) if cfg.uint8 else xs
+    images[i[better]] = new[better]
+    log(f"fragile: {len(idx)} triggers did not enrol; refined {int(better.sum())} of them towards a margin of "
+        f"{gamma / 2:.3g} on the differentiable copy in {steps} steps", quiet=quiet)
+    rounds = [*key.stats.get("boosted", []), {"triggers": len(idx), "improved": int(better.sum()), "steps": steps,
+                                                "target_margin": gamma / 2}]
+    return FragileKey(images, key.key, {**key.stats, "boosted": rounds})
