@@ -221,7 +221,7 @@ class _Loop:
         self.scheduler, self.step, self.loss_fn, self.selected = scheduler, step, loss_fn, selected
         self.stop_on_divergence, self.hooks = stop_on_divergence, hooks
 
-    def _hook(self, name: str) -> None:
+    def hook(self, name: str) -> None:
         for h in self.hooks:
             getattr(h, name, lambda s: None)(self.state)
 
@@ -268,7 +268,7 @@ class _Loop:
                 target = y.argmax(1) if y.dtype.is_floating_point else y
                 correct += int((logits.detach().argmax(1) == target).sum())
             bar.advance()
-            self._hook("on_step_end")
+            self.hook("on_step_end")
             if state.stop or (cfg.max_steps and state.step >= cfg.max_steps):
                 break
         return loss_sum, n_seen, correct
@@ -354,14 +354,14 @@ def fit(
     best = _Best(keep=bool(cfg.early_stop_patience))
     stopped_early = False
     t0 = time.perf_counter()
-    loop._hook("on_fit_start")
+    loop.hook("on_fit_start")
     try:
         total_steps = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
         with task(desc, total_steps, quiet=quiet) as bar:
             for epoch in range(cfg.epochs):
                 state.epoch = epoch
                 model.train()
-                loop._hook("on_epoch_start")
+                loop.hook("on_epoch_start")
                 t_epoch = time.perf_counter()
                 loss_sum, n_seen, correct = loop.epoch(data, bar)
                 metrics = _epoch_metrics(epoch, loss_sum, n_seen, optimizer, t_epoch, correct if step is None else None)
@@ -372,7 +372,7 @@ def fit(
                 bar.note(f"epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f}"
                          + (f" train {metrics['train_accuracy']:.4f}" if "train_accuracy" in metrics else "")
                          + (f" val {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""))
-                loop._hook("on_epoch_end")
+                loop.hook("on_epoch_end")
                 if cfg.early_stop_patience and val_data is not None and best.since >= cfg.early_stop_patience:
                     stopped_early = True
                     break

@@ -308,6 +308,7 @@ def test_triggers_an_enrolment_drops_are_refined_to_a_larger_margin(tiny_bundle)
     assert torch.equal(boosted.images[others], key.images[others]) and torch.equal(boosted.key, key.key)
     assert float(m1[dropped].min()) >= 2 * float(m0[dropped].max()) * 0.99  # uint8 rounding of the kept image
     assert boosted.stats["boosted"][0]["triggers"] == 4 and boosted.sha256 != key.sha256
+    assert boosted.stats["acctri"] == 1.0 and boosted.stats["margin_min"] == pytest.approx(float(m1.min()), abs=1e-5)
 
 
 def test_a_key_class_the_model_cannot_reach_keeps_the_models_label_within_the_limit(tiny_bundle):

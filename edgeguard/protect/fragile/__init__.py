@@ -174,14 +174,15 @@ def _enrol_generated(runner, key: FragileKey, enrol_cfg: EnrolConfig | None, mod
     """Enrol freshly generated triggers; when the artifact leaves too many unstable or within its margin floor, those
     are refined on the differentiable copy to twice, then four times the largest margin among them (:func:`boost`)
     and enrolment is tried again."""
-    for factor in (4.0, 8.0, None):
+    generation = lambda k: {**k.stats, "config": cfg.params(), "surrogate": described}  # noqa: E731
+    for factor in (4.0, 8.0):
         try:
-            return key, enrol(runner, key, enrol_cfg, generation={**key.stats, "config": cfg.params(), "surrogate": described})
+            return key, enrol(runner, key, enrol_cfg, generation=generation(key))
         except TooFewStable as e:
-            if factor is None or cfg.refine_steps == 0 or cfg.variant in ("non", "var"):
+            if cfg.refine_steps == 0 or cfg.variant in ("non", "var"):
                 raise
             key = boost(model, key, e.dropped, num_classes, cfg, factor, quiet=quiet)
-    raise AssertionError("unreachable")
+    return key, enrol(runner, key, enrol_cfg, generation=generation(key))
 
 
 def _key_sha(store: FragileStore, name: str) -> str:

@@ -300,15 +300,17 @@ def boost(model: nn.Module, key: FragileKey, idx: list[int], num_classes: int, c
     i = torch.as_tensor(idx, dtype=torch.long)
     x = key.as_float()[i]
     with _frozen(model):
-        m0 = _margins(model(x), key.key[i]).detach()
+        with torch.no_grad():
+            m0 = _margins(model(x), key.key[i])
         gamma = factor * max(float(m0.max()), gamma0)  # the search stops once every margin is >= gamma / 2
         xs, ms, steps = _pixel_search(model, x, key.key[i], cfg, cfg.weight(num_classes), gamma)
-    better = ms > m0  # a trigger the search could not improve keeps its image
-    images = key.images.clone()
-    new = torch.round(xs * 255).to(torch.uint8) if cfg.uint8 else xs
-    images[i[better]] = new[better]
+        better = ms > m0  # a trigger the search could not improve keeps its image
+        images = key.images.clone()
+        new = torch.round(xs * 255).to(torch.uint8) if cfg.uint8 else xs
+        images[i[better]] = new[better]
+        probs = _probs(model, images.float() / 255 if cfg.uint8 else images)
     log(f"fragile: {len(idx)} triggers did not enrol; refined {int(better.sum())} of them towards a margin of "
         f"{gamma / 2:.3g} on the differentiable copy in {steps} steps", quiet=quiet)
     rounds = [*key.stats.get("boosted", []), {"triggers": len(idx), "improved": int(better.sum()), "steps": steps,
                                                 "target_margin": gamma / 2}]
-    return FragileKey(images, key.key, {**key.stats, "boosted": rounds})
+    return FragileKey(images, key.key, {**key.stats, **trigger_stats(probs, key.key), "boosted": rounds})
